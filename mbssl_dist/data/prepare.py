@@ -1,0 +1,165 @@
+"""Build a canonical prepared dataset directory from any importer's output.
+
+Checks shared by all importers live here (empty dataset, test users without training data,
+test pairs also in training), then the validation split, then an atomic write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from ..utils.io import atomic_dir, sha256_file
+from .dataset import PreparedDataset, write_prepared
+from .errors import DataError
+from .split import carve_validation, pair_keys
+
+log = logging.getLogger(__name__)
+OnTestInTrain = Literal["error", "drop"]
+
+
+def assemble(behaviors: list[str], users: list[np.ndarray], items: list[np.ndarray],
+             test_user: np.ndarray, test_item: np.ndarray, n_users: int, n_items: int,
+             *, seed: int = 0, valid: str = "one-per-user", on_test_in_train: OnTestInTrain = "error",
+             target_timestamps: np.ndarray | None = None, test_file: str = "<test>",
+             manifest: dict | None = None) -> PreparedDataset:
+    """Validate and split into train / valid / test; returns an in-memory dataset."""
+    if valid not in ("one-per-user", "none"):
+        raise DataError(f"valid must be 'one-per-user' or 'none', got {valid!r}", field="valid")
+    total = sum(len(u) for u in users)
+    if total == 0 or n_users == 0 or n_items == 0:
+        raise DataError("empty dataset: no training interactions")
+    for b, u in zip(behaviors, users):
+        if len(u) == 0:
+            raise DataError(f"behavior {b!r} has no interactions", field=b)
+    K = len(behaviors)
+    manifest = dict(manifest or {})
+    dropped: dict[str, int] = {}
+
+    # Test users must have some training data.
+    has_train = np.zeros(n_users, dtype=bool)
+    for u in users:
+        has_train[u] = True
+    no_train = test_user[~has_train[test_user]]
+    if len(no_train):
+        raise DataError(f"{len(no_train)} test user(s) have no training interactions (first: user "
+                        f"{int(no_train[0])})", file=test_file)
+    # Test pairs must not be in the target training set.
+    tk = pair_keys(users[-1], items[-1], n_items)
+    test_keys = pair_keys(test_user, test_item, n_items)
+    clash = np.isin(test_keys, tk)
+    if clash.any():
+        first = int(np.flatnonzero(clash)[0])
+        msg = (f"{int(clash.sum())} test pair(s) also occur in the training target behavior "
+               f"{behaviors[-1]!r} (first: user {int(test_user[first])}, item {int(test_item[first])})")
+        if on_test_in_train == "error":
+            raise DataError(msg + "; pass --on-test-in-train drop to remove them from training", file=test_file)
+        drop = np.isin(tk, test_keys)
+        log.warning("%s; dropping %d training pair(s)", msg, int(drop.sum()))
+        users[-1], items[-1] = users[-1][~drop], items[-1][~drop]
+        if target_timestamps is not None:
+            target_timestamps = target_timestamps[~drop]
+        dropped["test_pairs_removed_from_train"] = int(drop.sum())
+
+    counts_input = {b: int(len(u)) for b, u in zip(behaviors, users)}
+    if valid == "one-per-user":
+        keep, vidx = carve_validation(users[-1], items[-1], seed, target_timestamps)
+        valid_user, valid_item = users[-1][vidx], items[-1][vidx]
+        users[-1], items[-1] = users[-1][keep], items[-1][keep]
+    else:
+        valid_user = valid_item = np.zeros(0, dtype=np.int64)
+
+    train_user = np.concatenate(users)
+    train_item = np.concatenate(items)
+    train_beh = np.concatenate([np.full(len(u), k, dtype=np.int8) for k, u in enumerate(users)])
+    # Canonical order: behavior, user, item.
+    order = np.lexsort((train_item, train_user, train_beh))
+    vo = np.lexsort((valid_item, valid_user))
+    to = np.lexsort((test_item, test_user))
+    manifest.update({
+        "counts_input": counts_input,
+        "validation": {"policy": valid, "seed": seed,
+                       "rule": "one target item per user with >= 2 training target items "
+                               + ("(latest by timestamp)" if target_timestamps is not None else "(seeded random)")},
+        "dropped": dropped,
+        "n_test_users": int(len(np.unique(test_user))),
+    })
+    return PreparedDataset(
+        n_users=int(n_users), n_items=int(n_items), behaviors=list(behaviors),
+        train_user=train_user[order].astype(np.int32), train_item=train_item[order].astype(np.int32),
+        train_behavior=train_beh[order],
+        valid_user=valid_user[vo].astype(np.int32), valid_item=valid_item[vo].astype(np.int32),
+        test_user=test_user[to].astype(np.int32), test_item=test_item[to].astype(np.int32),
+        manifest=manifest)
+
+
+def _inputs(paths: list[Path]) -> list[dict]:
+    return [{"file": str(p.resolve()), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths]
+
+
+def prepare_text(input_dir: Path, out: Path, *, behaviors=None, target=None, n_users=None, n_items=None,
+                 seed=0, valid="one-per-user", on_test_in_train: OnTestInTrain = "error",
+                 overwrite=False) -> PreparedDataset:
+    from .text import read_text_dir
+
+    t0 = time.time()
+    td = read_text_dir(Path(input_dir), behaviors, target, n_users, n_items)
+    manifest = {"source": {"format": "text", "input": str(Path(input_dir).resolve())},
+                "inputs": _inputs(list(td.files.values()))}
+    ds = assemble(td.behaviors, td.users, td.items, td.test_user, td.test_item, td.n_users, td.n_items,
+                  seed=seed, valid=valid, on_test_in_train=on_test_in_train, test_file=str(td.files["test"]),
+                  manifest=manifest)
+    return _write(ds, out, overwrite, t0)
+
+
+def prepare_table(input_path: Path, out: Path, *, behaviors=None, target=None, seed=0,
+                  valid="one-per-user", on_test_in_train: OnTestInTrain = "error",
+                  overwrite=False) -> PreparedDataset:
+    from .table import read_table
+
+    t0 = time.time()
+    input_path = Path(input_path)
+    td = read_table(input_path, behaviors, target, seed)
+    manifest = {"source": {"format": "table", "input": str(input_path.resolve()),
+                           "split": "timestamp" if td.timestamps is not None else "seeded"},
+                "inputs": _inputs([input_path]),
+                "table": {"duplicate_rows_merged": td.duplicates_merged,
+                          "users_without_test (single target interaction)": td.users_without_test}}
+    ds = assemble(td.behaviors, td.users, td.items, td.test_user, td.test_item, len(td.user_ids),
+                  len(td.item_ids), seed=seed, valid=valid, on_test_in_train=on_test_in_train,
+                  target_timestamps=td.timestamps, test_file=str(input_path), manifest=manifest)
+    extra = {"user_map": pa.table({"index": pa.array(np.arange(len(td.user_ids), dtype=np.int32)),
+                                   "id": pa.array(td.user_ids.tolist(), pa.string())}),
+             "item_map": pa.table({"index": pa.array(np.arange(len(td.item_ids), dtype=np.int32)),
+                                   "id": pa.array(td.item_ids.tolist(), pa.string())})}
+    return _write(ds, out, overwrite, t0, extra)
+
+
+def prepare_synthetic(out: Path, spec=None, *, seed: int | None = None, valid="one-per-user",
+                      overwrite=False) -> PreparedDataset:
+    from .synthetic import SyntheticSpec, generate
+
+    t0 = time.time()
+    spec = spec or SyntheticSpec()
+    if seed is not None:
+        spec.seed = seed
+    pairs, tu, ti = generate(spec)
+    manifest = {"source": {"format": "synthetic", "spec": spec.to_dict()}, "inputs": []}
+    ds = assemble(list(spec.behaviors), [p[0] for p in pairs], [p[1] for p in pairs], tu, ti,
+                  spec.n_users, spec.n_items, seed=spec.seed, valid=valid, manifest=manifest)
+    return _write(ds, out, overwrite, t0)
+
+
+def _write(ds: PreparedDataset, out: Path, overwrite: bool, t0: float, extra=None) -> PreparedDataset:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        ds.manifest["prepare_seconds"] = round(time.time() - t0, 3)
+        write_prepared(tmp, ds, extra)
+    ds.path = Path(out)
+    log.info("prepared %s: %d users x %d items, counts %s, %d valid, %d test", out, ds.n_users, ds.n_items,
+             ds.manifest["counts"], len(ds.valid_user), len(ds.test_user))
+    return ds
