@@ -1,0 +1,373 @@
+"""Typed run configuration: one dataclass per TOML section, a docstring per field.
+
+Loaded from ``configs/NAME.toml`` plus ``--set section.field=value`` overrides and
+validated *before* anything is built: an unknown key, a wrong type or an out-of-range value
+is an error that names the field and says what is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    format: Literal["text", "table", "synthetic", "prepared"] = "synthetic"
+    """Where the data comes from: raw ``text`` dir, ``table`` file, ``synthetic`` generator,
+    or an already ``prepared`` directory."""
+    path: str = ""
+    """Input path (text dir, table file or prepared dir); relative paths are resolved
+    against the config file's directory. Unused for synthetic."""
+    cache_dir: str = "cache"
+    """Where prepared data and swing output are cached (relative to the working dir)."""
+    behaviors: list[str] = field(default_factory=list)
+    """Behavior order, weakest first, target last; empty = importer default."""
+    target: str = ""
+    """Target behavior name; empty = last behavior."""
+    n_users: int = 0
+    """Declared number of users for text data (0 = max id + 1)."""
+    n_items: int = 0
+    """Declared number of items for text data (0 = max id + 1)."""
+    valid: Literal["one-per-user", "none"] = "one-per-user"
+    """Validation split: one target item per user with >= 2 purchases, or none."""
+    split_seed: int = 0
+    """Seed of the validation split (and of the synthetic generator)."""
+    synthetic_users: int = 600
+    """Synthetic generator: number of users."""
+    synthetic_items: int = 400
+    """Synthetic generator: number of items."""
+    synthetic_clusters: int = 8
+    """Synthetic generator: number of planted clusters."""
+
+
+@dataclass
+class SwingConfig:
+    alpha: float = 0.5
+    """Swing smoothing term alpha of Eq 6."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Behavior weights of the combined similarity; empty = equal weights over all behaviors.
+    The authors' Beibei matrix is buy-only: ``{buy = 1.0}``."""
+    topn: int = 500
+    """Neighbors kept per node (must be >= the largest false-negative count used)."""
+    workers: int = 2
+    """Worker processes used to compute swing when it is not cached."""
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 64
+    """Embedding size d."""
+    n_layers: int = 4
+    """Propagation layers L."""
+    att_dim: int = 16
+    """Hidden size of the CDM attention."""
+    dropout: float = 0.3
+    """Dropout on each layer's output."""
+    norm: Literal["sym", "row"] = "sym"
+    """Adjacency normalization: symmetric (authors' code) or row/mean (paper text)."""
+    use_cdm: bool = True
+    """Cross-behavior dependency module (ablation: false)."""
+    interaction_scoring: bool = False
+    """Beyond the paper: add learned per-behavior 'already interacted' weights and an item
+    bias to the score. Off in paper-faithful configs."""
+
+
+@dataclass
+class LossConfig:
+    neg_weight: list[float] = field(default_factory=lambda: [0.1])
+    """c- of the non-sampling loss, one per behavior or a single value for all."""
+    lambdas: list[float] = field(default_factory=list)
+    """Weight of each behavior's non-sampling loss (empty = [0, ..., 0, 1] plus equal aux)."""
+    decay: float = 10.0
+    """Weight decay on the batch's propagated embeddings."""
+    tau: float = 0.5
+    """InfoNCE temperature."""
+    fn_users: int = 10
+    """False negatives removed per user (top-N swing neighbors); 0 = none."""
+    fn_items: int = 10
+    """False negatives removed per item; 0 = none."""
+    fn_mode: Literal["remove", "reference"] = "remove"
+    """``remove`` drops false negatives from the InfoNCE denominator; ``reference`` zeroes
+    their logits like the authors' code."""
+    use_inter: bool = True
+    """Inter-behavior SSL (ablation: false)."""
+    use_intra: bool = True
+    """Intra-behavior SSL (ablation: false)."""
+    intra_view: Literal["edge", "node"] = "node"
+    """Random views for intra SSL: edge dropout (paper) or node dropout (authors' code)."""
+    intra_dropout: float = 0.5
+    """Drop probability of the intra-SSL views."""
+    ssl_weight: float = 1.0
+    """Scale of the SSL losses (before HMG)."""
+
+
+@dataclass
+class HMGConfig:
+    strategy: Literal["hmg", "A", "B", "C", "none"] = "hmg"
+    """Gradient manipulation: full HMG, ablations A (direction), B (magnitude), C (both,
+    always), or none (equal-weight sum)."""
+    beta: float = 0.9
+    """EMA factor of the gradient norms."""
+    relax: float = 0.7
+    """Relax factor r of the magnitude rescaling."""
+    norm_source: Literal["ema", "current"] = "ema"
+    """Norms used in the rescaling: EMAs (authors' code) or current norms (paper Eq 14)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    """Maximum number of epochs."""
+    batch_size: int = 256
+    """Global user batch size (split across ranks)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    seed: int = 2020
+    """Seed of everything random in training (init, batches, dropout, views)."""
+    eval_every: int = 1
+    """Validate every E epochs."""
+    patience: int = 5
+    """Stop after this many evaluations without validation improvement (0 = never)."""
+    select_metric: str = "recall@10"
+    """Validation metric used for model selection."""
+    ks: list[int] = field(default_factory=lambda: [10, 50])
+    """Cut-offs of Recall@K and NDCG@K."""
+    eval_batch_size: int = 1024
+    """Users scored at once during evaluation."""
+    max_steps_per_epoch: int = 0
+    """Cap on steps per epoch for smoke runs (0 = full epoch)."""
+    device: str = "auto"
+    """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
+    threads: int = 0
+    """torch intra-op threads per process (0 = torch default)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name (MLflow run name and output sub-directory)."""
+    output_dir: str = "runs"
+    """Parent directory of run outputs (metrics.jsonl, final.json, config, plots)."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or the local sqlite:///mlflow.db."""
+    experiment: str = "mbssl"
+    """MLflow experiment name."""
+    mlflow: bool = True
+    """Log to MLflow (rank 0 only)."""
+    progress: bool = True
+    """tqdm progress bars on rank 0."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    swing: SwingConfig = field(default_factory=SwingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    hmg: HMGConfig = field(default_factory=HMGConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    source: str = ""
+    """The config file this came from (set by ``load_config``)."""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+    def flat(self) -> dict[str, Any]:
+        out = {}
+        for sec, vals in self.to_dict().items():
+            for k, v in vals.items():
+                out[f"{sec}.{k}"] = v
+        return out
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+
+
+def _section_cls(name: str):
+    return {"data": DataConfig, "swing": SwingConfig, "model": ModelConfig, "loss": LossConfig,
+            "hmg": HMGConfig, "train": TrainConfig, "run": RunConfig}[name]
+
+
+def _check_type(where: str, value: Any, tp) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where} = {value!r}: expected one of {list(allowed)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r}: expected a string")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            example = "[1, 2]" if inner in (int, float) else '["a", "b"]'
+            raise ConfigError(f"{where} = {value!r}: expected a list, e.g. {example}")
+        return [_check_type(f"{where}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r}: expected a table, e.g. {{buy = 1.0}}")
+        return {str(k): _check_type(f"{where}.{k}", v, vt) for k, v in value.items()}
+    return value
+
+
+def from_dict(raw: dict, source: str = "") -> Config:
+    cfg = Config(source=source)
+    for sec, vals in raw.items():
+        if sec not in SECTIONS:
+            raise ConfigError(f"unknown section [{sec}]; valid sections: {sorted(SECTIONS)}")
+        if not isinstance(vals, dict):
+            raise ConfigError(f"[{sec}] must be a table of settings")
+        cls = _section_cls(sec)
+        hints = typing.get_type_hints(cls)
+        obj = getattr(cfg, sec)
+        for k, v in vals.items():
+            if k not in hints:
+                raise ConfigError(f"unknown field {sec}.{k}; valid fields of [{sec}]: {sorted(hints)}")
+            setattr(obj, k, _check_type(f"{sec}.{k}", v, hints[k]))
+    validate(cfg)
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # bare string
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for ov in overrides:
+        if "=" not in ov or "." not in ov.split("=", 1)[0]:
+            raise ConfigError(f"--set {ov!r}: expected section.field=value, e.g. train.epochs=5")
+        key, val = ov.split("=", 1)
+        sec, name = key.strip().split(".", 1)
+        raw.setdefault(sec, {})[name] = _parse_value(val.strip())
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    raw: dict = {}
+    source = ""
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from e
+        source = str(p.resolve())
+    raw = apply_overrides(raw, overrides or [])
+    cfg = from_dict(raw, source)
+    if cfg.data.path and source and not Path(cfg.data.path).is_absolute():
+        cfg.data.path = str((Path(source).parent / cfg.data.path).resolve())
+    return cfg
+
+
+def _positive(where: str, v, strict=True):
+    if (v <= 0) if strict else (v < 0):
+        raise ConfigError(f"{where} = {v}: must be {'> 0' if strict else '>= 0'}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that do not need the data."""
+    m, lo, h, t, d = cfg.model, cfg.loss, cfg.hmg, cfg.train, cfg.data
+    for where, v in [("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.att_dim", m.att_dim),
+                     ("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.lr", t.lr),
+                     ("train.eval_every", t.eval_every), ("train.eval_batch_size", t.eval_batch_size),
+                     ("loss.tau", lo.tau), ("swing.alpha", cfg.swing.alpha), ("swing.topn", cfg.swing.topn),
+                     ("swing.workers", cfg.swing.workers)]:
+        _positive(where, v)
+    for where, v in [("loss.decay", lo.decay), ("loss.fn_users", lo.fn_users), ("loss.fn_items", lo.fn_items),
+                     ("train.patience", t.patience), ("train.max_steps_per_epoch", t.max_steps_per_epoch),
+                     ("loss.ssl_weight", lo.ssl_weight), ("train.threads", t.threads)]:
+        _positive(where, v, strict=False)
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout = {m.dropout}: must be in [0, 1)")
+    if not 0 <= lo.intra_dropout < 1:
+        raise ConfigError(f"loss.intra_dropout = {lo.intra_dropout}: must be in [0, 1)")
+    if not 0 <= h.beta < 1:
+        raise ConfigError(f"hmg.beta = {h.beta}: must be in [0, 1)")
+    if not 0 <= h.relax <= 1:
+        raise ConfigError(f"hmg.relax = {h.relax}: must be in [0, 1]")
+    if any(c < 0 or c > 1 for c in lo.neg_weight) or not lo.neg_weight:
+        raise ConfigError(f"loss.neg_weight = {lo.neg_weight}: need one or K values in [0, 1]")
+    if any(x < 0 for x in lo.lambdas):
+        raise ConfigError(f"loss.lambdas = {lo.lambdas}: weights must be >= 0")
+    if max(lo.fn_users, lo.fn_items) > cfg.swing.topn:
+        raise ConfigError(f"loss.fn_users/fn_items ({lo.fn_users}/{lo.fn_items}) exceed swing.topn "
+                          f"({cfg.swing.topn}); raise swing.topn")
+    if not t.ks or any(k <= 0 for k in t.ks):
+        raise ConfigError(f"train.ks = {t.ks}: need positive cut-offs, e.g. [10, 50]")
+    metric, _, k = t.select_metric.partition("@")
+    if metric not in ("recall", "ndcg") or not k.isdigit() or int(k) not in t.ks:
+        raise ConfigError(f"train.select_metric = {t.select_metric!r}: expected recall@K or ndcg@K with K in "
+                          f"train.ks {t.ks}")
+    if d.format != "synthetic" and not d.path:
+        raise ConfigError(f"data.path is required for data.format = {d.format!r}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device = {t.device!r}: expected auto, cpu or cuda")
+    if any(w < 0 for w in cfg.swing.weights.values()):
+        raise ConfigError(f"swing.weights = {cfg.swing.weights}: weights must be >= 0")
+
+
+def validate_against_data(cfg: Config, behaviors: list[str]) -> None:
+    """Checks that need the dataset's behavior list."""
+    K = len(behaviors)
+    lo = cfg.loss
+    if len(lo.neg_weight) not in (1, K):
+        raise ConfigError(f"loss.neg_weight has {len(lo.neg_weight)} values; the data has {K} behaviors "
+                          f"{behaviors}: give 1 or {K}")
+    if lo.lambdas and len(lo.lambdas) != K:
+        raise ConfigError(f"loss.lambdas has {len(lo.lambdas)} values; the data has {K} behaviors {behaviors}")
+    unknown = [b for b in cfg.swing.weights if b not in behaviors]
+    if unknown:
+        raise ConfigError(f"swing.weights names unknown behavior(s) {unknown}; the data has {behaviors}")
+
+
+def describe() -> str:
+    """Every field with its default and docstring (for --help-config)."""
+    import ast
+    import inspect
+
+    lines = []
+    for sec in SECTIONS:
+        cls = _section_cls(sec)
+        src = ast.parse(inspect.getsource(cls))
+        docs = {}
+        body = src.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(str(b.value.value).split())
+        lines.append(f"[{sec}]")
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {f.name} = {getattr(inst, f.name)!r}  # {docs.get(f.name, '')}")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""Run outputs and MLflow logging, on the main rank only.
+
+Every run writes ``OUTPUT/NAME/`` with ``config.toml`` (resolved), ``metrics.jsonl`` (one
+record per epoch and per evaluation), ``final.json`` and ``curves.png``, and mirrors the
+same to MLflow: a local sqlite store (``sqlite:///mlflow.db``, artifacts in ``mlartifacts/``)
+unless ``run.tracking_uri`` or ``$MLFLOW_TRACKING_URI`` says otherwise. MLflow metric names
+cannot contain ``@``, so ``recall@10`` is logged as ``recall_10``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def mlflow_name(key: str) -> str:
+    return key.replace("@", "_")
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def to_toml(d: dict) -> str:
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return repr(v)
+    out = []
+    for sec, vals in d.items():
+        out.append(f"[{sec}]")
+        out.extend(f"{k} = {val(v)}" for k, v in vals.items())
+        out.append("")
+    return "\n".join(out)
+
+
+class RunLogger:
+    """Writes run outputs; a no-op on ranks other than the main one."""
+
+    def __init__(self, out_dir: Path, enabled: bool, use_mlflow: bool, tracking_uri: str = "",
+                 experiment: str = "mbssl", run_name: str = "run"):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.records: list[dict] = []
+        self._mlflow = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        if use_mlflow:
+            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            import mlflow
+
+            uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+            mlflow.set_tracking_uri(uri)
+            if mlflow.get_experiment_by_name(experiment) is None:
+                art = (Path.cwd() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+                mlflow.create_experiment(experiment, artifact_location=art)
+            mlflow.set_experiment(experiment)
+            self._run = mlflow.start_run(run_name=run_name)
+            self._mlflow = mlflow
+            log.info("MLflow run %s in %s (experiment %r)", self._run.info.run_id, uri, experiment)
+
+    def start(self, config: dict, flat_params: dict[str, Any], tags: dict[str, str]) -> None:
+        if not self.enabled:
+            return
+        atomic_write_text(self.out_dir / "config.toml", to_toml(config))
+        if self._mlflow:
+            params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flat_params.items()}
+            self._mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            self._mlflow.set_tags(tags)
+            self._mlflow.log_artifact(str(self.out_dir / "config.toml"))
+
+    def record(self, rec: dict, step: int | None = None) -> None:
+        """Append one JSON record to metrics.jsonl and log its numeric fields to MLflow."""
+        if not self.enabled:
+            return
+        self.records.append(rec)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        if self._mlflow:
+            prefix = rec.get("kind", "")
+            metrics = {}
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step") \
+                        and math.isfinite(v):
+                    metrics[mlflow_name(f"{prefix}/{k}" if prefix else k)] = float(v)
+            if metrics:
+                self._mlflow.log_metrics(metrics, step=step if step is not None else rec.get("epoch", 0))
+
+    def finish(self, final: dict, status: str = "FINISHED") -> None:
+        if not self.enabled:
+            return
+        atomic_write_json(self.out_dir / "final.json", final)
+        png = self.plot_curves()
+        if self._mlflow:
+            self._mlflow.log_artifact(str(self.out_dir / "final.json"))
+            self._mlflow.log_artifact(str(self.metrics_path))
+            if png:
+                self._mlflow.log_artifact(str(png))
+            for k, v in _flatten(final).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._mlflow.log_metric(mlflow_name(f"final/{k}"), float(v))
+            self._mlflow.end_run(status=status)
+
+    def plot_curves(self) -> Path | None:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        epochs = [r for r in self.records if r.get("kind") == "epoch"]
+        evals = [r for r in self.records if r.get("kind") == "valid"]
+        if not epochs:
+            return None
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        tasks = sorted({k for r in epochs for k in r if k.startswith("loss/")})
+        for t in tasks:
+            a1.plot([r["epoch"] for r in epochs], [r.get(t, float("nan")) for r in epochs], label=t[5:])
+        a1.set_xlabel("epoch"), a1.set_ylabel("loss"), a1.set_title("training losses per task")
+        a1.legend(fontsize=7)
+        for m in sorted({k for r in evals for k in r if "@" in k}):
+            a2.plot([r["epoch"] for r in evals], [r[m] for r in evals], marker="o", label=m)
+        a2.set_xlabel("epoch"), a2.set_title("validation")
+        a2.legend(fontsize=7)
+        fig.tight_layout()
+        out = self.out_dir / "curves.png"
+        tmp = self.out_dir / ".curves.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}/{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
