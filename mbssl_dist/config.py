@@ -106,8 +106,13 @@ class LossConfig:
     """Random views for intra SSL: edge dropout (paper) or node dropout (authors' code)."""
     intra_dropout: float = 0.5
     """Drop probability of the intra-SSL views."""
-    ssl_weight: float = 1.0
-    """Scale of the SSL losses (before HMG)."""
+    intra_weight: float = 1.0
+    """Scale of the intra-behavior SSL loss (reference ``ssl_reg``)."""
+    inter_weight: float = 1.0
+    """Scale of each inter-behavior SSL loss (reference ``ssl_reg_inter``)."""
+    view_propagation: Literal["target", "full"] = "target"
+    """Intra-SSL views: propagate only the target behavior over each view, reusing the main
+    pass's auxiliary messages (fast), or a full K-behavior propagation per view (authors' code)."""
 
 
 @dataclass
@@ -168,6 +173,15 @@ class RunConfig:
 
 
 @dataclass
+class DistConfig:
+    partition: Literal["edge-balanced", "metis"] = "edge-balanced"
+    """How users are assigned to ranks when no partition directory is given."""
+    partition_dir: str = ""
+    """A directory written by ``python -m mbssl_dist.partition`` with as many parts as ranks;
+    each rank then loads only its part."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     swing: SwingConfig = field(default_factory=SwingConfig)
@@ -176,6 +190,7 @@ class Config:
     hmg: HMGConfig = field(default_factory=HMGConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     source: str = ""
     """The config file this came from (set by ``load_config``)."""
 
@@ -197,7 +212,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "sou
 
 def _section_cls(name: str):
     return {"data": DataConfig, "swing": SwingConfig, "model": ModelConfig, "loss": LossConfig,
-            "hmg": HMGConfig, "train": TrainConfig, "run": RunConfig}[name]
+            "hmg": HMGConfig, "train": TrainConfig, "run": RunConfig, "dist": DistConfig}[name]
 
 
 def _check_type(where: str, value: Any, tp) -> Any:
@@ -307,7 +322,7 @@ def validate(cfg: Config) -> None:
         _positive(where, v)
     for where, v in [("loss.decay", lo.decay), ("loss.fn_users", lo.fn_users), ("loss.fn_items", lo.fn_items),
                      ("train.patience", t.patience), ("train.max_steps_per_epoch", t.max_steps_per_epoch),
-                     ("loss.ssl_weight", lo.ssl_weight), ("train.threads", t.threads)]:
+                     ("loss.intra_weight", lo.intra_weight), ("loss.inter_weight", lo.inter_weight), ("train.threads", t.threads)]:
         _positive(where, v, strict=False)
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout = {m.dropout}: must be in [0, 1)")

@@ -18,8 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import warnings
+
 import numpy as np
 import torch
+
+# torch warns on every CSR construction that sparse CSR is "beta" and that invariant checks
+# are off; our CSR arrays are built sorted and validated here, so the noise is dropped.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 NORMS = ("sym", "row")
 

@@ -1,0 +1,131 @@
+"""How the work is laid out over ranks (DESIGN.md §4): which users a rank owns, the local
+graph with global degrees, the gradient all-reduce of replicated parameters, and
+partition-invariant random views. All of it reduces to the single-process case at P = 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..graph import BehaviorGraph, MultiBehaviorGraph
+from ..partition import LocalPart, assign_edge_balanced, compute_assignment, load_partition
+from ..partition.core import EdgeList
+from .comm import Comm
+
+log = logging.getLogger(__name__)
+
+
+def local_part_from_dataset(ds, assign: np.ndarray, part: int) -> LocalPart:
+    """The ``LocalPart`` of ``part`` built in memory from a loaded dataset (no partition dir)."""
+    n_parts = int(assign.max()) + 1
+    users = np.flatnonzero(assign == part).astype(np.int64)
+    g2l = np.full(ds.n_users, -1, dtype=np.int64)
+    g2l[users] = np.arange(len(users))
+    graphs = []
+    for k in range(ds.n_behaviors):
+        u, i = ds.pairs(k)
+        full_udeg = np.bincount(u, minlength=ds.n_users).astype(np.float64)
+        ideg = np.bincount(i, minlength=ds.n_items).astype(np.float64)
+        m = assign[u] == part
+        graphs.append(BehaviorGraph.from_pairs(g2l[u[m]], i[m], len(users), ds.n_items,
+                                               user_deg=torch.from_numpy(full_udeg[users]),
+                                               item_deg=torch.from_numpy(ideg)))
+    return LocalPart(part=part, n_parts=n_parts, users=users, graph=MultiBehaviorGraph(list(ds.behaviors), graphs),
+                     global_to_local=g2l, n_users_global=ds.n_users, n_items=ds.n_items,
+                     behaviors=list(ds.behaviors))
+
+
+def shard_users(ds, comm: Comm, method: str = "edge-balanced", partition_dir: str = "", seed: int = 0) -> LocalPart:
+    """This rank's users. With ``partition_dir`` the rank loads only its part from disk (made
+    by ``python -m mbssl_dist.partition``); otherwise every rank computes the same
+    deterministic assignment in memory."""
+    P = comm.world_size
+    if partition_dir:
+        part = load_partition(Path(partition_dir), comm.rank, dataset_sha256=ds.checksum() or None)
+        if part.n_parts != P:
+            raise ValueError(f"{partition_dir} has {part.n_parts} parts but the job has {P} ranks")
+        return part
+    if P == 1:
+        assign = np.zeros(ds.n_users, dtype=np.int16)
+    elif method == "edge-balanced":
+        assign = assign_edge_balanced(np.bincount(ds.train_user, minlength=ds.n_users), P)
+    else:
+        edges = EdgeList(ds.train_user.astype(np.int64), ds.train_item.astype(np.int64),
+                         ds.train_behavior.astype(np.int64), ds.n_users, ds.n_items, list(ds.behaviors))
+        assign, _ = compute_assignment(edges, P, method, seed)
+    return local_part_from_dataset(ds, np.asarray(assign), comm.rank)
+
+
+class GradReducer:
+    """``reduce_grads(grads, sharded)`` hook of ``TrainStep``: sums the replicated
+    parameters' gradients over ranks in ONE flat bucket per call (= per task); sharded
+    (user-row) gradients stay local. Unused gradients (None) become zeros on every world
+    size, so every rank enters the collective with the same shapes and 1 rank and N ranks
+    hand identical inputs to HMG."""
+
+    def __init__(self, params: list[torch.Tensor], comm: Comm):
+        self.params = list(params)
+        self.comm = comm
+
+    def __call__(self, grads: list, sharded: list[bool]) -> list:
+        out = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]
+        if self.comm.world_size == 1:
+            return out
+        idx = [j for j, s in enumerate(sharded) if not s]
+        if not idx:
+            return out
+        flat = torch.cat([out[j].reshape(-1) for j in idx])
+        self.comm.all_reduce_sum_(flat)
+        off = 0
+        for j in idx:
+            n = out[j].numel()
+            out[j] = flat[off: off + n].view_as(out[j])
+            off += n
+        return out
+
+
+def _uniform_hash(keys: np.ndarray, seed: int, epoch: int, stream: int) -> np.ndarray:
+    """Counter-based uniform [0, 1) per key (splitmix64): the same for an edge whatever rank
+    holds it, so random views do not depend on the partition."""
+    with np.errstate(over="ignore"):
+        x = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        x ^= np.uint64((seed * 1_000_003 + epoch * 7919 + stream * 104_729) & 0xFFFFFFFFFFFFFFFF)
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def target_views(part: LocalPart, mode: str, p: float, seed: int, epoch: int, comm: Comm, norm: str = "sym",
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+    """Two random views of the target behavior (``edge`` or ``node`` dropout), identical
+    for any number of ranks: keep decisions hash (global user, item) ids, and the view's item
+    degrees are summed over ranks so normalization uses global view degrees."""
+    g = part.graph.target
+    gu = part.users[g.rows().numpy()]
+    gi = g.indices.numpy()
+    U, I = part.n_users_global, part.n_items
+    out = []
+    for view in range(2):
+        if mode == "edge":
+            keep = _uniform_hash(gu * I + gi, seed, epoch, 2 * view) >= p
+        elif mode == "node":
+            ku = _uniform_hash(np.arange(U, dtype=np.int64), seed, epoch, 2 * view) >= p
+            ki = _uniform_hash(np.arange(I, dtype=np.int64) + U, seed, epoch, 2 * view + 1) >= p
+            keep = ku[gu] & ki[gi]
+        else:
+            raise ValueError(f"view mode must be 'edge' or 'node', got {mode!r}")
+        keep_t = torch.from_numpy(keep)
+        lu = g.rows()[keep_t]
+        li = g.indices[keep_t]
+        udeg = torch.bincount(lu, minlength=g.n_users).to(torch.float64)
+        ideg = torch.bincount(li, minlength=I).to(torch.float64)
+        comm.all_reduce_sum_(ideg)
+        v = BehaviorGraph.from_pairs(lu.numpy(), li.numpy(), g.n_users, I, user_deg=udeg, item_deg=ideg)
+        out.append(v.adjacency(norm, dtype, device))
+    return out

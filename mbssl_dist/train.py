@@ -1,0 +1,326 @@
+"""``python -m mbssl_dist.train --config configs/NAME.toml [--set section.field=value ...]``
+
+One loop that reads top-down in build order: config -> process group -> data (prepared on
+first use) -> swing false negatives -> this rank's users -> model -> training step (losses,
+per-task gradients, HMG, Adam) -> epochs with validation, early stopping and test at the
+best validation epoch -> final.json and MLflow. Under ``torchrun`` every rank runs this same
+function; everything distributed goes through ``parallel``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError, describe, load_config, validate_against_data
+
+log = logging.getLogger("mbssl_dist.train")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mbssl_dist.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML config file (configs/*.toml); omitted = all defaults (synthetic)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field (TOML value syntax), repeatable")
+    p.add_argument("--prepare-only", action="store_true", help="prepare data and swing into the cache, then exit")
+    p.add_argument("--help-config", action="store_true", help="list every config field with its meaning")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def false_negative_tables(cfg: Config, ds, comm):
+    """(user_fn, item_fn) CSR tables (indptr, indices) of the top-N swing neighbors, or None
+    where not used. Swing is computed once into the cache by rank 0."""
+    lo = cfg.loss
+    if not lo.use_inter or (lo.fn_users == 0 and lo.fn_items == 0):
+        return None, None
+    from .swing.cache import ensure_swing, load_topn_csr
+
+    if comm.is_main:
+        ensure_swing(cfg, ds)
+    comm.barrier()
+    swing_dir = ensure_swing(cfg, ds, compute=False)
+    user_fn = load_topn_csr(swing_dir, "user", lo.fn_users, ds.n_users) if lo.fn_users else None
+    item_fn = load_topn_csr(swing_dir, "item", lo.fn_items, ds.n_items) if lo.fn_items else None
+    return user_fn, item_fn
+
+
+def select_rows(table, rows: np.ndarray):
+    """Rows ``rows`` of a CSR (indptr, indices) table, as a new table."""
+    if table is None:
+        return None
+    indptr, indices = table
+    starts, ends = indptr[rows], indptr[rows + 1]
+    counts = ends - starts
+    new_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_ptr[1:])
+    idx = np.repeat(starts - new_ptr[:-1], counts) + np.arange(new_ptr[-1])
+    return torch.from_numpy(new_ptr), torch.from_numpy(indices[idx].astype(np.int64))
+
+
+def step_config(cfg: Config, K: int):
+    from .model import TrainConfig as StepConfig
+
+    lo, h = cfg.loss, cfg.hmg
+    lambdas = list(lo.lambdas) or [1.0 / K] * K
+    c_neg = lo.neg_weight if len(lo.neg_weight) > 1 else lo.neg_weight[0]
+    return StepConfig(rec_weights=lambdas, c_neg=c_neg, decay=lo.decay, tau=lo.tau, intra_weight=lo.intra_weight,
+                      inter_weights=[lo.inter_weight] * (K - 1), use_intra=lo.use_intra, use_inter=lo.use_inter,
+                      fn_mode=lo.fn_mode, view_mode=lo.view_propagation, lr=cfg.train.lr, seed=cfg.train.seed,
+                      hmg_strategy=h.strategy, hmg_relax=h.relax, hmg_beta=h.beta, hmg_use_ema=h.norm_source == "ema")
+
+
+@dataclass
+class Evaluator:
+    """Validation / test evaluation of this rank's users (sums all-reduced inside)."""
+
+    ds: object
+    part: object
+    ks: list[int]
+    batch_size: int
+
+    def __post_init__(self):
+        from .evaluate import eval_masks, heldout_sets
+
+        self.masks = eval_masks(self.ds)
+        self.held = heldout_sets(self.ds)
+        mine = np.zeros(self.ds.n_users, dtype=bool)
+        mine[self.part.users] = True
+        self.users = {ph: np.flatnonzero((np.diff(self.held[ph].indptr) > 0) & mine) for ph in ("valid", "test")}
+
+    def __call__(self, model, adjs, comm, phases=("valid", "test"), user_items=None, progress=False) -> dict:
+        from .evaluate import evaluate
+
+        g2l = torch.from_numpy(self.part.global_to_local)
+        model.eval()
+        with torch.no_grad():
+            prop = model(adjs, comm, None, keep_layers=False)
+
+            def score(users: torch.Tensor) -> torch.Tensor:
+                return model.score(prop, g2l[users.cpu()].to(prop.users.device), user_items=user_items).cpu()
+
+            out = {ph: evaluate(score, self.users[ph], self.held[ph], self.masks[ph], ks=self.ks,
+                                batch_size=self.batch_size, comm=comm, progress=progress) for ph in phases}
+        model.train()
+        return out
+
+
+def mean_stats(results) -> dict:
+    """Per-epoch means of the per-step task losses and HMG statistics."""
+    out: dict[str, float] = {}
+    n = len(results)
+    if not n:
+        return out
+    for r in results:
+        for k, v in r.losses.items():
+            out[f"loss/{k}"] = out.get(f"loss/{k}", 0.0) + v / n
+        for t, s in zip(r.hmg.get("aux_tasks", []), r.hmg.get("aux", [])):
+            for k, v in s.items():
+                if math.isfinite(v):
+                    out[f"hmg/{t}/{k}"] = out.get(f"hmg/{t}/{k}", 0.0) + v / n
+    return out
+
+
+def select_best(evals: list[dict], metric: str) -> dict | None:
+    return max(evals, key=lambda r: (r[metric], -r["epoch"])) if evals else None
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -> int:
+    from .data import load_prepared
+    from .data.cache import ensure_prepared, prepared_dir_for
+    from .model import MBSSL, NonFiniteLossError, TrainState, TrainStep, build_batch, make_generator
+    from .parallel.layout import GradReducer, shard_users, target_views
+    from .tracking import RunLogger, git_commit
+
+    t_start = time.time()
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+
+    # 1. data: prepared once by rank 0, then loaded by every rank
+    if comm.is_main:
+        ensure_prepared(cfg.data)
+    comm.barrier()
+    ds = load_prepared(prepared_dir_for(cfg.data))
+    validate_against_data(cfg, ds.behaviors)
+    K = ds.n_behaviors
+    log.info("data %s: %d users x %d items, behaviors %s, train counts %s", ds.path, ds.n_users, ds.n_items,
+             ds.behaviors, ds.counts())
+
+    # 2. swing false negatives (cached)
+    user_fn_all, item_fn = false_negative_tables(cfg, ds, comm)
+    if prepare_only:
+        log.info("prepare-only: data and swing are cached")
+        return 0
+
+    # 3. this rank's users and their graph (global degrees)
+    part = shard_users(ds, comm, cfg.dist.partition, cfg.dist.partition_dir, tc.seed)
+    dtype = torch.float32
+    adjs = [part.graph.adjacency(k, cfg.model.norm, dtype, device) for k in range(K)]
+    csr = [(g.indptr, g.indices) for g in part.graph.graphs]
+    user_fn = select_rows(user_fn_all, part.users) if user_fn_all is not None else None
+    item_fn_t = (torch.from_numpy(item_fn[0]), torch.from_numpy(item_fn[1].astype(np.int64))) \
+        if item_fn is not None else None
+    log.info("rank %d holds %d users, %d edges", comm.rank, part.n_local, sum(g.nnz for g in part.graph.graphs))
+
+    # 4. model and training step
+    m = cfg.model
+    model = MBSSL(part.n_local, ds.n_items, K, dim=m.dim, n_layers=m.n_layers, att_dim=m.att_dim,
+                  dropout=m.dropout, use_cdm=m.use_cdm, interaction_scoring=m.interaction_scoring,
+                  n_users_global=ds.n_users, user_ids=torch.from_numpy(part.users),
+                  init_generator=make_generator(tc.seed, 0, 0, "init")).to(device)
+    step = TrainStep(model, step_config(cfg, K), comm)
+    step.reduce_grads = GradReducer(step.params, comm)
+    state: TrainState = step.state
+    user_items = None
+    if m.interaction_scoring:
+        user_items = [torch.sparse_csr_tensor(g.indptr, g.indices, torch.ones(g.nnz), size=(g.n_users, g.n_items))
+                      for g in part.graph.graphs]
+    evaluator = Evaluator(ds, part, list(tc.ks), tc.eval_batch_size)
+
+    # 5. run outputs (main rank only)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    logger = RunLogger(run_dir, comm.is_main, cfg.run.mlflow, cfg.run.tracking_uri, cfg.run.experiment,
+                       cfg.run.name)
+    logger.start(cfg.to_dict(), cfg.flat(), {"git_commit": git_commit(), "dataset_sha256": ds.checksum(),
+                                             "dataset": str(ds.path), "world_size": str(comm.world_size),
+                                             "device": str(device), "config_file": cfg.source})
+
+    # 6. epochs
+    U, B = ds.n_users, tc.batch_size
+    n_batches = math.ceil(U / B)
+    if tc.max_steps_per_epoch:
+        n_batches = min(n_batches, tc.max_steps_per_epoch)
+    evals: list[dict] = []
+    bad_evals = 0
+    status = "FINISHED"
+    progress = cfg.run.progress and comm.is_main
+    for epoch in range(tc.epochs):
+        state.epoch = epoch
+        t0 = time.time()
+        views = None
+        if cfg.loss.use_intra:
+            views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, tc.seed, epoch, comm,
+                                 m.norm, dtype, device)
+        perm = torch.randperm(U, generator=make_generator(tc.seed, epoch, -1, "batches")).numpy()
+        results = []
+        bar = range(n_batches)
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(bar, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        for b in bar:
+            gb = perm[b * B:(b + 1) * B]
+            local = part.global_to_local[gb]
+            rows = torch.from_numpy(np.sort(local[local >= 0]))
+            batch = build_batch(csr, rows, ds.n_items, user_ids=torch.from_numpy(part.users), user_fn=user_fn,
+                                item_fn=item_fn_t, interaction=m.interaction_scoring)
+            try:
+                res = step(batch, adjs, views)
+            except NonFiniteLossError as e:
+                msg = f"non-finite loss in task {e.task!r} at epoch {epoch}, step {b} (global step {state.step})"
+                log.error("%s: %s; stopping", msg, e.value)
+                logger.record({"kind": "error", "epoch": epoch, "step": b, "task": e.task, "message": msg})
+                logger.finish({"error": msg, "evaluations": evals}, status="FAILED")
+                raise SystemExit(3) from e
+            results.append(res)
+            if progress:
+                bar.set_postfix(rec=f"{res.losses['rec']:.4g}")
+        rec = {"kind": "epoch", "epoch": epoch, "seconds": round(time.time() - t0, 3), "steps": len(results)}
+        rec.update(mean_stats(results))
+        logger.record(rec, step=epoch)
+        log.info("epoch %d: %.1fs, %s", epoch, rec["seconds"],
+                 ", ".join(f"{k[5:]}={v:.4g}" for k, v in rec.items() if k.startswith("loss/")))
+
+        last = epoch == tc.epochs - 1
+        if (epoch + 1) % tc.eval_every == 0 or last:
+            t1 = time.time()
+            res = evaluator(model, adjs, comm, user_items=user_items, progress=progress)
+            ev = {"epoch": epoch, "seconds": round(time.time() - t1, 3)}
+            for ph in ("valid", "test"):
+                for k, v in res[ph].items():
+                    if k != "n_users":
+                        ev[f"{ph}/{k}"] = v
+                logger.record({"kind": ph, "epoch": epoch, **res[ph]}, step=epoch)
+            ev_key = {k.split("/", 1)[1]: v for k, v in ev.items() if k.startswith("valid/")}
+            ev_row = {"epoch": epoch, **ev_key, "test": {k.split("/", 1)[1]: v for k, v in ev.items()
+                                                         if k.startswith("test/")}}
+            best = select_best(evals, tc.select_metric)
+            improved = best is None or ev_row[tc.select_metric] > best[tc.select_metric]
+            evals.append(ev_row)
+            bad_evals = 0 if improved else bad_evals + 1
+            log.info("epoch %d valid: %s | test: %s%s", epoch,
+                     " ".join(f"{k}={v:.4f}" for k, v in res["valid"].items() if k != "n_users"),
+                     " ".join(f"{k}={v:.4f}" for k, v in res["test"].items() if k != "n_users"),
+                     " *" if improved else "")
+            if tc.patience and bad_evals >= tc.patience:
+                log.info("early stop: no validation improvement in %d evaluations", bad_evals)
+                break
+
+    # 7. final report: test at the best validation epoch; the reference protocol separately
+    best = select_best(evals, tc.select_metric)
+    ref = max(evals, key=lambda r: (r["test"][tc.select_metric], -r["epoch"])) if evals else None
+    final = {
+        "select_metric": tc.select_metric,
+        "best_epoch": best["epoch"] if best else None,
+        "valid": {k: v for k, v in best.items() if k not in ("epoch", "test")} if best else None,
+        "test": best["test"] if best else None,
+        "reference_protocol_best_test_epoch": {"epoch": ref["epoch"], "test": ref["test"]} if ref else None,
+        "epochs_run": state.epoch + 1,
+        "steps": state.step,
+        "world_size": comm.world_size,
+        "seconds": round(time.time() - t_start, 2),
+        "dataset": str(ds.path),
+        "dataset_sha256": ds.checksum(),
+    }
+    logger.finish(final, status=status)
+    if comm.is_main:
+        log.info("best epoch %s: test %s (outputs in %s)", final["best_epoch"], final["test"], run_dir)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.help_config:
+        print(describe())
+        return 0
+    setup_logging(0)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from .parallel.dist import init_distributed, shutdown
+
+    comm, device = init_distributed(cfg.train.device)
+    setup_logging(comm.rank)
+    try:
+        return train(cfg, comm, device, prepare_only=args.prepare_only)
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        return 2
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
