@@ -1,0 +1,333 @@
+"""MBSSL losses: non-sampling recommendation loss (EHCF) and the two InfoNCE tasks.
+
+Convention (``parallel/comm.py``): the global loss is the sum over ranks of the local losses.
+Every loss here follows it:
+
+* ``NonSamplingLoss``: the positive-pair part and the batch-user decay are local (each rank
+  holds its own batch users). The all-pairs c⁻ term uses the all-reduced user Gram
+  (autograd-aware) and the local, replicated item Gram; it is computed on every rank and
+  scaled by ``1 / world_size`` (so it is counted once, and every rank back-propagates the
+  same share into the replicated item rows; the caller's all-reduce of replicated gradients
+  sums the shares). The item part of the decay is scaled the same way.
+* ``info_nce``: with sharded candidates (users), the anchors of all ranks are all-gathered,
+  every rank computes the partial denominators over its own candidates, the partials are
+  all-reduced, and each rank's loss counts only its own anchors. With replicated candidates
+  (items) every rank computes its own anchors' loss completely and locally.
+
+Denominators are summed as ``exp((s - 1)/τ)`` (cosines are ≤ 1, so no overflow and the shift
+is the same constant on every rank) and the shift is added back in the log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..parallel.comm import Comm, LocalComm
+
+FN_MODES = ("remove", "reference")
+
+
+# --------------------------------------------------------------------------- non-sampling
+@dataclass
+class InteractionTerms:
+    """Inputs of the interaction-aware score term for the target behavior's loss.
+
+    item_bias: [n_items] (the model's ``item_bias``).
+    s_pos: [nnz_target_pos] the sparse indicator term s_ui on the target positives (aligned
+        with ``pos[-1]``).
+    supp_rows / supp_items / s_supp: every (batch row, item) pair where s_ui may be non-zero
+        (union of the auxiliary supports of the batch users) and s_ui there.
+    """
+
+    item_bias: torch.Tensor
+    s_pos: torch.Tensor | None = None
+    supp_rows: torch.Tensor | None = None
+    supp_items: torch.Tensor | None = None
+    s_supp: torch.Tensor | None = None
+
+
+class NonSamplingLoss(nn.Module):
+    """EHCF whole-data loss per behavior (paper Eq 10–11; reference ``RecLoss``).
+
+    For behavior k, batch users B, positives P_k = {(u, i)}, user rep p_u = e_{u,k},
+    item rep q_i = e_{i,k}, relation r = r_k, ŷ = ⟨p_u, q_i ⊙ r⟩:
+
+        L_k = Σ_{P_k} [(1 − c⁻_k) ŷ² − 2ŷ] + c⁻_k Σ_{m,n} (Σ_{u∈B} p_um p_un)(Σ_{i∈I} q_im q_in) r_m r_n
+
+    which equals the weighted squared error Σ_{u∈B} Σ_{i∈I} c_ui (y_ui − ŷ_ui)² (c = 1 on
+    positives, c⁻ elsewhere) minus the constant |P_k|.
+
+    ``forward`` returns (rec, reg): rec = Σ_k λ_k L_k, reg = decay/2 · (Σ_{u∈B,k} ||e_{u,k}||²
+    + Σ_{i∈I,k} ||e_{i,k}||²) (the reference regularizes the batch users' and *all* items'
+    propagated embeddings of every behavior).
+    """
+
+    def __init__(self, weights: Sequence[float], c_neg: float | Sequence[float] = 0.1, decay: float = 10.0) -> None:
+        super().__init__()
+        self.weights = [float(w) for w in weights]
+        K = len(self.weights)
+        if isinstance(c_neg, (int, float)):
+            c_neg = [float(c_neg)] * K
+        self.c_neg = [float(c) for c in c_neg]
+        if len(self.c_neg) != K:
+            raise ValueError("c_neg must have one entry per behavior")
+        self.decay = float(decay)
+
+    def behavior_loss(self, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, pos_rows: torch.Tensor,
+                      pos_items: torch.Tensor, c: float, comm: Comm,
+                      inter: InteractionTerms | None = None) -> torch.Tensor:
+        ws = comm.world_size
+        pr = p * r  # [B, d]
+        yhat = (pr[pos_rows] * q[pos_items]).sum(-1)
+        if inter is not None:
+            yhat = yhat + inter.item_bias[pos_items]
+            if inter.s_pos is not None:
+                yhat = yhat + inter.s_pos
+        pos_term = ((1.0 - c) * yhat.square() - 2.0 * yhat).sum()
+        if c == 0.0:
+            return pos_term
+        if inter is None:
+            gu = comm.all_reduce_sum(pr.T @ pr)  # Σ_u (p⊙r)(p⊙r)ᵀ = Gram(p) ∘ r rᵀ
+            gq = q.T @ q
+            all_term = (gu * gq).sum()
+        else:
+            # augmented p' = [p ⊙ r, 1], q' = [q, b]: a_ui = p'ᵀ q'
+            ones = pr.new_ones(pr.shape[0], 1)
+            pa = torch.cat([pr, ones], 1)
+            qa = torch.cat([q, inter.item_bias.unsqueeze(1)], 1)
+            all_term = (comm.all_reduce_sum(pa.T @ pa) * (qa.T @ qa)).sum()
+        loss = pos_term + (c / ws) * all_term
+        if inter is not None and inter.s_supp is not None and inter.s_supp.numel() > 0:
+            a = (pr[inter.supp_rows] * q[inter.supp_items]).sum(-1) + inter.item_bias[inter.supp_items]
+            s = inter.s_supp
+            loss = loss + c * (2.0 * a * s + s.square()).sum()
+        return loss
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor, relations: torch.Tensor,
+                pos: Sequence[tuple[torch.Tensor, torch.Tensor]], comm: Comm | None = None,
+                interaction: InteractionTerms | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """users: [B_local, K, d] propagated reps of this rank's batch users; items: [n_items, K, d];
+        relations: [K, d]; pos[k] = (rows into the batch, item ids) of behavior k's positives.
+        interaction: applied to the target behavior (last) only. Returns (rec, reg, per-behavior L_k)."""
+        comm = comm or LocalComm()
+        K = users.shape[1]
+        if len(pos) != K or len(self.weights) != K:
+            raise ValueError(f"need {K} behaviors of positives and weights")
+        per = []
+        rec = users.new_zeros(())
+        for k in range(K):
+            if self.weights[k] == 0.0:
+                per.append(users.new_zeros(()))
+                continue
+            lk = self.behavior_loss(users[:, k], items[:, k], relations[k], pos[k][0], pos[k][1], self.c_neg[k], comm,
+                                    interaction if k == K - 1 else None)
+            per.append(lk)
+            rec = rec + self.weights[k] * lk
+        reg = 0.5 * self.decay * (users.square().sum() + items.square().sum() / comm.world_size)
+        return rec, reg, per
+
+
+def naive_nonsampling(users: torch.Tensor, items: torch.Tensor, relations: torch.Tensor,
+                      pos: Sequence[tuple[torch.Tensor, torch.Tensor]], weights, c_neg,
+                      extra_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """O(|B|·|I|) reference: Σ_k λ_k Σ_u Σ_i c_ui (y_ui − ŷ_ui)² (for tests).
+    extra_scores: [B, n_items] added to the target behavior's ŷ."""
+    K = users.shape[1]
+    if isinstance(c_neg, (int, float)):
+        c_neg = [float(c_neg)] * K
+    total = users.new_zeros(())
+    for k in range(K):
+        yhat = users[:, k] @ (items[:, k] * relations[k]).T
+        if k == K - 1 and extra_scores is not None:
+            yhat = yhat + extra_scores
+        y = torch.zeros_like(yhat)
+        y[pos[k][0], pos[k][1]] = 1.0
+        c = torch.where(y > 0, torch.ones_like(y), torch.full_like(y, c_neg[k]))
+        total = total + weights[k] * (c * (y - yhat).square()).sum()
+    return total
+
+
+# --------------------------------------------------------------------------- InfoNCE core
+@dataclass
+class Anchors:
+    """Anchors of one InfoNCE side on this rank.
+
+    rows: local row index of each anchor into the anchor/positive tensors.
+    weight: multiplicity of each anchor (the reference repeats a user once per purchased item;
+        a weighted unique anchor is the same sum at a fraction of the cost). None = 1.
+    ids: global id of each anchor in the candidate id space (default: ``rows``); used to keep
+        the positive itself out of the removed false negatives.
+    fn_indptr / fn_indices: false negatives of each anchor, CSR over anchors, global
+        candidate ids (``fn_indices[fn_indptr[a]:fn_indptr[a+1]]`` = FN(anchor a)).
+    """
+
+    rows: torch.Tensor
+    weight: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    fn_indptr: torch.Tensor | None = None
+    fn_indices: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.rows.numel())
+
+    def global_ids(self) -> torch.Tensor:
+        return self.rows if self.ids is None else self.ids
+
+
+def _fn_pairs(anchors: Anchors) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if anchors.fn_indptr is None or anchors.fn_indices is None:
+        return None
+    counts = anchors.fn_indptr[1:] - anchors.fn_indptr[:-1]
+    rows = torch.repeat_interleave(torch.arange(len(anchors), device=counts.device), counts)
+    return rows, anchors.fn_indices.to(torch.int64)
+
+
+def _lookup(candidate_ids: torch.Tensor | None, n_cand: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local candidate column of each global id and whether it is held here."""
+    if candidate_ids is None:
+        ok = (ids >= 0) & (ids < n_cand)
+        return ids.clamp(0, max(n_cand - 1, 0)), ok
+    sorted_ids, order = torch.sort(candidate_ids)
+    pos = torch.searchsorted(sorted_ids, ids).clamp(max=max(n_cand - 1, 0))
+    ok = sorted_ids[pos] == ids if n_cand > 0 else torch.zeros_like(ids, dtype=torch.bool)
+    return order[pos], ok
+
+
+def info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: torch.Tensor, tau: float,
+             anchors_meta: Anchors | None = None, comm: Comm | None = None, candidates_sharded: bool = False,
+             candidate_ids: torch.Tensor | None = None, fn_mode: str = "remove",
+             extra_zero_logits: int = 0) -> torch.Tensor:
+    """Σ_a w_a · −log( exp(φ(a, a⁺)/τ) / Σ_{v ∈ C \\ FN(a)} exp(φ(a, v)/τ) ), φ = cosine.
+
+    anchor, positive: [A_local, d] reps of this rank's anchors (already gathered by row);
+    candidates: [C_local, d] the candidate reps this rank holds (all local users, or all items);
+    candidates_sharded: True when candidates are split over ranks (denominator partials are
+        all-reduced and anchors all-gathered); False when every rank holds all candidates.
+    candidate_ids: global ids of the local candidates (None: local index = global id).
+    fn_mode: ``remove`` drops FN(a) from the denominator (the positive itself is always kept);
+        ``reference`` (authors' code, ``SSLoss2`` hard_neg 'v3') sets their logits to 0, so each
+        still adds e⁰ = 1, and does not exempt the positive.
+    extra_zero_logits: add this many e⁰ terms to every denominator (the reference's zero
+        "token" item row adds one to every item-side denominator).
+    """
+    comm = comm or LocalComm()
+    if fn_mode not in FN_MODES:
+        raise ValueError(f"fn_mode must be one of {FN_MODES}, got {fn_mode!r}")
+    meta = anchors_meta
+    n_loc = anchor.shape[0]
+    za = F.normalize(anchor, dim=1)
+    zp = F.normalize(positive, dim=1)
+    zc = F.normalize(candidates, dim=1)
+    inv_t = 1.0 / tau
+    dist = candidates_sharded and comm.world_size > 1
+    fn = _fn_pairs(meta) if meta is not None else None
+    a_ids = meta.global_ids() if meta is not None else None
+    offset = 0
+    if dist:
+        counts = comm.all_gather_cat(torch.tensor([n_loc], dtype=torch.int64, device=anchor.device))
+        offset = int(counts[: comm.rank].sum())
+        ZA = comm.all_gather_cat(za)
+        if a_ids is not None:
+            a_ids = comm.all_gather_cat(a_ids.to(torch.int64))
+        if fn is not None:
+            fn = (comm.all_gather_cat(fn[0] + offset), comm.all_gather_cat(fn[1]))
+    else:
+        ZA = za
+    E = torch.exp((ZA @ zc.T - 1.0) * inv_t)  # [A, C_local]
+    if fn is not None and fn[0].numel() > 0:
+        rows, ids = fn
+        cols, ok = _lookup(candidate_ids, zc.shape[0], ids)
+        if fn_mode == "remove" and a_ids is not None:
+            ok = ok & (ids != a_ids[rows])
+        rows, cols = rows[ok], cols[ok]
+        if rows.numel() > 0:
+            fill = 0.0 if fn_mode == "remove" else float(torch.exp(torch.tensor(-inv_t, dtype=torch.float64)))
+            E = E.index_put((rows, cols), E.new_full((rows.numel(),), fill))
+    den = E.sum(1)
+    if dist:
+        den = comm.all_reduce_sum(den)
+    if extra_zero_logits:
+        den = den + extra_zero_logits * float(torch.exp(torch.tensor(-inv_t, dtype=torch.float64)))
+    den_loc = den[offset: offset + n_loc]
+    pos = (za * zp).sum(1) * inv_t
+    per = torch.log(den_loc) + inv_t - pos
+    if meta is not None and meta.weight is not None:
+        per = per * meta.weight.to(per.dtype)
+    return per.sum()
+
+
+class InterBehaviorInfoNCE(nn.Module):
+    """Inter-behavior SSL (paper Eq 7; reference ``SSLoss2``) for one auxiliary behavior k.
+
+    User side: anchor e_{u,K}, positive e_{u,k}, candidates e_{v,k} of all users (this rank's
+    local users; sharded). Item side: the same over items (replicated). Both sides summed,
+    times ``weight`` (the reference's ``ssl_reg_inter[k]``, default 1).
+    """
+
+    def __init__(self, tau: float = 0.5, fn_mode: str = "remove", user_side: bool = True, item_side: bool = True,
+                 item_extra_zero_logits: int = 0) -> None:
+        super().__init__()
+        if fn_mode not in FN_MODES:
+            raise ValueError(f"fn_mode must be one of {FN_MODES}, got {fn_mode!r}")
+        self.tau = float(tau)
+        self.fn_mode = fn_mode
+        self.user_side = user_side
+        self.item_side = item_side
+        self.item_extra_zero_logits = int(item_extra_zero_logits)
+
+    def forward(self, user_tar: torch.Tensor, user_aux: torch.Tensor, user_anchors: Anchors | None,
+                item_tar: torch.Tensor, item_aux: torch.Tensor, item_anchors: Anchors | None,
+                comm: Comm | None = None, user_candidate_ids: torch.Tensor | None = None,
+                weight: float = 1.0) -> torch.Tensor:
+        """user_tar/user_aux: [n_local_users, d] target/aux reps of the local users (candidates =
+        all rows of ``user_aux``); item_tar/item_aux: [n_items, d]. Anchors index these rows."""
+        comm = comm or LocalComm()
+        total = user_tar.new_zeros(())
+        if self.user_side and user_anchors is not None:
+            r = user_anchors.rows
+            total = total + info_nce(user_tar[r], user_aux[r], user_aux, self.tau, user_anchors, comm,
+                                     candidates_sharded=True, candidate_ids=user_candidate_ids, fn_mode=self.fn_mode)
+        if self.item_side and item_anchors is not None:
+            r = item_anchors.rows
+            total = total + info_nce(item_tar[r], item_aux[r], item_aux, self.tau, item_anchors, comm,
+                                     candidates_sharded=False, fn_mode=self.fn_mode,
+                                     extra_zero_logits=self.item_extra_zero_logits)
+        return weight * total
+
+
+class IntraBehaviorInfoNCE(nn.Module):
+    """Intra-behavior SSL (paper Eq 8–9; reference ``SSLoss``): anchor = target rep in view 1,
+    positive = the same node in view 2, candidates = all nodes in view 2 (no false-negative
+    removal). Anchors (reference): every (batch user, purchased item) pair, i.e. users weighted
+    by their number of target positives and the purchased items with multiplicity."""
+
+    def __init__(self, tau: float = 0.5, user_side: bool = True, item_side: bool = True,
+                 item_extra_zero_logits: int = 0) -> None:
+        super().__init__()
+        self.tau = float(tau)
+        self.user_side = user_side
+        self.item_side = item_side
+        self.item_extra_zero_logits = int(item_extra_zero_logits)
+
+    def forward(self, user_v1: torch.Tensor, user_v2: torch.Tensor, user_anchors: Anchors | None,
+                item_v1: torch.Tensor, item_v2: torch.Tensor, item_anchors: Anchors | None,
+                comm: Comm | None = None, user_candidate_ids: torch.Tensor | None = None,
+                weight: float = 1.0) -> torch.Tensor:
+        comm = comm or LocalComm()
+        total = user_v1.new_zeros(())
+        if self.user_side and user_anchors is not None:
+            r = user_anchors.rows
+            ua = Anchors(r, user_anchors.weight, user_anchors.ids)
+            total = total + info_nce(user_v1[r], user_v2[r], user_v2, self.tau, ua, comm,
+                                     candidates_sharded=True, candidate_ids=user_candidate_ids)
+        if self.item_side and item_anchors is not None:
+            r = item_anchors.rows
+            ia = Anchors(r, item_anchors.weight, item_anchors.ids)
+            total = total + info_nce(item_v1[r], item_v2[r], item_v2, self.tau, ia, comm,
+                                     candidates_sharded=False, extra_zero_logits=self.item_extra_zero_logits)
+        return weight * total

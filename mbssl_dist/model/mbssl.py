@@ -1,0 +1,452 @@
+"""The MBSSL encoder (behavior-aware GNN + cross-behavior attention), distributed-ready.
+
+Behavior of the authors' code (``Scofield666/MBSSL``, ``MBSSL.py``, class ``GHCF.forward``) that
+this module reproduces, per layer ``l`` and behavior ``k`` (target = last):
+
+* message: ``m_k = Â_k · E_k^l`` over the bipartite graph (users from items, items from users,
+  both from layer ``l``), then ``h_k = LeakyReLU((m_k ⊙ r_k^l) W^l)`` with the default
+  negative slope 0.01 and ``W^l`` shared by all behaviors;
+* CDM (GATNE-style self attention, one head): for every node and behavior ``i``,
+  ``a_i = softmax_j(w2_iᵀ tanh(W1_iᵀ h_j))``, ``e_i = Σ_j a_ij h_j``;
+* message dropout (inverted, p = 0.3) on the CDM output of every behavior; the dropped
+  embedding is both the next layer's input and what is accumulated in the readout;
+* relation vectors ``r_k^{l+1} = r_k^l W_b^l`` (row vector times matrix);
+* readout = mean over layers 0..L (layer 0 = the raw embedding, shared by all behaviors),
+  relation readout = mean of r_k^0..r_k^L;
+* score(u, i) = ⟨e_u,K , e_i,K ⊙ r_K⟩.
+
+Distributed layout (DESIGN.md §4): the module holds embedding rows of its *local* users only
+and all item rows. Per layer, the user update ``A_ui_local @ E_item`` is local; the item update
+``A_iu_local @ E_user_local`` is a partial sum that goes through ``comm.all_reduce_sum`` (one
+collective per layer: all behaviors concatenated). With ``LocalComm`` this is the full graph.
+
+Randomness never comes from the global torch RNG: parameter init and dropout masks are drawn
+from ``torch.Generator`` objects the caller passes; user rows are drawn for the *global* user
+set and then the local rows are selected, so P ranks draw exactly what one process would.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..parallel.comm import Comm, LocalComm
+
+Adjacency = tuple[torch.Tensor, torch.Tensor]  # (A_ui [n_local_users x n_items], A_iu [n_items x n_local_users])
+
+VIEW_MODES = ("target", "full")
+
+
+@dataclass
+class Propagated:
+    """Output of one propagation.
+
+    ``users``: [n_local_users, K, d] readout per behavior; ``items``: [n_items, K, d];
+    ``relations``: [K, d] relation readout. ``layer_h`` (main graph only) keeps the pre-CDM
+    per-layer stacks ``h`` ([K, n_local_users + n_items, d] per layer) that the
+    target-only view propagation reuses for the auxiliary behaviors.
+    """
+
+    users: torch.Tensor
+    items: torch.Tensor
+    relations: torch.Tensor
+    layer_h: list[torch.Tensor] = field(default_factory=list, repr=False)
+    layer_rel: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+
+def _xavier_bound(fan_in: int, fan_out: int) -> float:
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+class _SparseOp:
+    """A constant sparse matrix with a cached transpose, for ``A @ x`` with autograd w.r.t. x.
+
+    torch's CSR backward re-sorts the matrix to transpose it on every call (the dominant cost
+    on CPU); here the transpose is built once per matrix. On CPU the products go through scipy
+    (several times faster than torch's CSR kernel on these shapes); elsewhere through torch.
+    """
+
+    def __init__(self, a: torch.Tensor) -> None:
+        self.a = a
+        self.shape = tuple(a.shape)
+        self._sp: dict = {}
+        self._t: torch.Tensor | None = None
+
+    def _scipy(self, dtype) -> tuple:
+        key = dtype
+        if key not in self._sp:
+            import numpy as np
+            import scipy.sparse as sps
+
+            a = self.a
+            np_dtype = np.float64 if dtype == torch.float64 else np.float32
+            m = sps.csr_matrix((a.values().detach().numpy().astype(np_dtype), a.col_indices().numpy(),
+                                a.crow_indices().numpy()), shape=self.shape)
+            self._sp[key] = (m, m.T.tocsr())
+        return self._sp[key]
+
+    def mm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        if x.device.type == "cpu" and self.a.layout == torch.sparse_csr:
+            m, mt = self._scipy(x.dtype)
+            xn = x.detach().contiguous().numpy()
+            return torch.from_numpy(np.asarray((mt if transpose else m) @ xn))
+        if not transpose:
+            return self.a.to(x.dtype) @ x
+        if self._t is None:
+            self._t = self.a.t().to_sparse_csr() if self.a.layout == torch.sparse_csr else self.a.t().coalesce()
+        return self._t.to(x.dtype) @ x
+
+
+class _SpMMFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, op):  # type: ignore[override]
+        ctx.op = op
+        return op.mm(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return ctx.op.mm(g, transpose=True), None
+
+
+_OPS: dict[int, tuple] = {}
+
+
+def spmm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``a @ x`` for a constant sparse ``a`` (CSR or COO); gradient w.r.t. ``x`` only."""
+    key = id(a)
+    hit = _OPS.get(key)
+    if hit is None or hit[0]() is not a:
+        if len(_OPS) > 256:
+            for k in [k for k, (r, _) in _OPS.items() if r() is None]:
+                del _OPS[k]
+        op = _SparseOp(a)
+        _OPS[key] = (weakref.ref(a), op)
+    else:
+        op = hit[1]
+    return _SpMMFn.apply(x, op)
+
+
+class MBSSL(nn.Module):
+    """MBSSL encoder + scorer.
+
+    Args:
+        n_users: number of user rows held by this module (the local users of this rank).
+        n_items: number of items (replicated on every rank).
+        n_behaviors: K, target behavior last.
+        dim: embedding size d. n_layers: L. att_dim: CDM attention size d'.
+        dropout: message dropout after CDM (0 disables). use_cdm: cross-behavior attention
+            on/off (off: e_k = h_k, ablation "w/o CDM").
+        interaction_scoring: add ``Σ_k w_k 1[(u,i) ∈ E_k] + b_i`` to the score (see
+            :meth:`interaction_term`); ``interaction_include_target`` lets the target
+            behavior's own indicator in (off by default: on training positives it is a
+            label leak and on evaluation candidates it is always 0).
+        n_users_global / user_ids: the global user count and the global ids of the local rows
+            (default: all users, identity), used so that init and dropout draws do not depend on
+            the number of ranks.
+        init_generator: generator for the xavier-uniform init (default: seeded with 2020).
+    """
+
+    def __init__(self, n_users: int, n_items: int, n_behaviors: int, dim: int = 64, n_layers: int = 4,
+                 att_dim: int = 16, dropout: float = 0.3, use_cdm: bool = True,
+                 interaction_scoring: bool = False, interaction_include_target: bool = False,
+                 n_users_global: int | None = None, user_ids: torch.Tensor | None = None,
+                 init_generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if n_behaviors < 1:
+            raise ValueError("n_behaviors must be >= 1")
+        self.n_users = int(n_users)
+        self.n_items = int(n_items)
+        self.n_behaviors = int(n_behaviors)
+        self.dim = int(dim)
+        self.n_layers = int(n_layers)
+        self.att_dim = int(att_dim)
+        self.dropout = float(dropout)
+        self.use_cdm = bool(use_cdm)
+        self.interaction_scoring = bool(interaction_scoring)
+        self.interaction_include_target = bool(interaction_include_target)
+        self.n_users_global = int(n_users_global if n_users_global is not None else n_users)
+        if user_ids is None:
+            if self.n_users_global != self.n_users:
+                raise ValueError("user_ids (global ids of the local rows) are required when n_users_global != n_users")
+            self.register_buffer("user_ids", None, persistent=False)
+        else:
+            user_ids = torch.as_tensor(user_ids, dtype=torch.int64)
+            if user_ids.numel() != self.n_users:
+                raise ValueError(f"user_ids has {user_ids.numel()} entries, expected n_users={self.n_users}")
+            self.register_buffer("user_ids", user_ids.clone(), persistent=False)
+
+        K, d, L = self.n_behaviors, self.dim, self.n_layers
+        self.user_embedding = nn.Parameter(torch.empty(self.n_users, d, dtype=dtype))
+        self.item_embedding = nn.Parameter(torch.empty(self.n_items, d, dtype=dtype))
+        self.relation_embedding = nn.Parameter(torch.empty(K, d, dtype=dtype))
+        self.W_gc = nn.ParameterList([nn.Parameter(torch.empty(d, d, dtype=dtype)) for _ in range(L)])
+        self.W_rel = nn.ParameterList([nn.Parameter(torch.empty(d, d, dtype=dtype)) for _ in range(L)])
+        if self.use_cdm:
+            self.att_w1 = nn.Parameter(torch.empty(K, d, self.att_dim, dtype=dtype))
+            self.att_w2 = nn.Parameter(torch.empty(K, self.att_dim, dtype=dtype))
+        else:
+            self.register_parameter("att_w1", None)
+            self.register_parameter("att_w2", None)
+        if self.interaction_scoring:
+            self.behavior_weight = nn.Parameter(torch.zeros(K, dtype=dtype))
+            self.item_bias = nn.Parameter(torch.zeros(self.n_items, dtype=dtype))
+        else:
+            self.register_parameter("behavior_weight", None)
+            self.register_parameter("item_bias", None)
+        self.reset_parameters(init_generator)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Xavier-uniform init as in the reference (``GHCF.reset_parameters``). User rows use the
+        global fan (n_users_global) and are drawn for all global users, then the local rows are
+        selected, so any number of ranks reproduces the single-process init."""
+        g = generator if generator is not None else torch.Generator().manual_seed(2020)
+        d = self.dim
+
+        def uni(shape, bound):
+            return (torch.rand(shape, generator=g, dtype=torch.float64) * 2.0 - 1.0) * bound
+
+        full_u = uni((self.n_users_global, d), _xavier_bound(self.n_users_global, d))
+        if self.user_ids is not None:
+            full_u = full_u[self.user_ids]
+        self.user_embedding.copy_(full_u)
+        self.item_embedding.copy_(uni((self.n_items, d), _xavier_bound(self.n_items, d)))
+        self.relation_embedding.copy_(uni((self.n_behaviors, d), _xavier_bound(self.n_behaviors, d)))
+        for W in list(self.W_gc) + list(self.W_rel):
+            W.copy_(uni((d, d), _xavier_bound(d, d)))
+        if self.use_cdm:
+            K, a = self.n_behaviors, self.att_dim
+            # torch's xavier on a 3-D [K, d, a] tensor uses fan_in = d * a, fan_out = K * a.
+            self.att_w1.copy_(uni((K, d, a), _xavier_bound(d * a, K * a)))
+            self.att_w2.copy_(uni((K, a), _xavier_bound(a * 1, K * 1)))
+        if self.interaction_scoring:
+            self.behavior_weight.zero_()
+            self.item_bias.zero_()
+
+    # ------------------------------------------------------------ parameters
+    def sharded_flags(self) -> list[bool]:
+        """One flag per ``self.parameters()`` entry: True for tensors whose rows are split over
+        ranks (the user embedding), False for replicated ones."""
+        return [p is self.user_embedding for p in self.parameters()]
+
+    # ------------------------------------------------------------- pieces
+    def relation_layers(self) -> list[torch.Tensor]:
+        """[r^0, ..., r^L], each [K, d]."""
+        r = [self.relation_embedding]
+        for l in range(self.n_layers):
+            r.append(r[-1] @ self.W_rel[l])
+        return r
+
+    def _cdm(self, h: torch.Tensor, only: int | None = None) -> torch.Tensor:
+        """Cross-behavior attention on the behavior-major stack h: [K, N, d].
+        Returns [K, N, d] (all behaviors i) or [N, d] (behavior ``only``)."""
+        if not self.use_cdm:
+            return h if only is None else h[only]
+        K, n, d = h.shape
+        a = self.att_dim
+        if only is None:
+            w1 = self.att_w1.permute(1, 0, 2).reshape(d, K * a)  # [d, (i, a)]
+            t = torch.tanh(h.reshape(K * n, d) @ w1).view(K, n, K, a)  # [j, n, i, a]
+            logits = (t * self.att_w2.unsqueeze(0).unsqueeze(0)).sum(-1)  # [j, n, i]
+            att = torch.softmax(logits, dim=0)  # over j
+            return torch.einsum("jni,jnd->ind", att, h)
+        t = torch.tanh(h.reshape(K * n, d) @ self.att_w1[only]).view(K, n, a)
+        att = torch.softmax(t @ self.att_w2[only], dim=0)  # [j, n]
+        return (att.unsqueeze(-1) * h).sum(0)
+
+    def _drop_mask(self, shape_head: tuple[int, ...], generator: torch.Generator | None,
+                   device, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Inverted-dropout multipliers for (local users, items), shapes head + [n, d]; None when
+        not training. User rows are drawn for all global users, then the local rows selected."""
+        if not self.training or self.dropout <= 0.0:
+            return None
+        if generator is None:
+            raise ValueError("training-mode forward with dropout needs a torch.Generator (rank-consistent randomness)")
+        p = self.dropout
+        scale = 1.0 / (1.0 - p)
+        gen_dev = generator.device
+        mu = torch.rand(shape_head + (self.n_users_global, self.dim), generator=generator, device=gen_dev)
+        if self.user_ids is not None:
+            mu = mu.index_select(len(shape_head), self.user_ids.to(gen_dev))
+        mi = torch.rand(shape_head + (self.n_items, self.dim), generator=generator, device=gen_dev)
+        mu = ((mu >= p).to(dtype) * scale).to(device)
+        mi = ((mi >= p).to(dtype) * scale).to(device)
+        return mu, mi
+
+    def _messages(self, adjs: Sequence[Adjacency], x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        """x: [K', N, d] (users first) -> Â x per behavior, [K', N, d]. One SpMM per behavior per
+        direction; the item partials of all behaviors are all-reduced in one collective."""
+        n_u = self.n_users
+        # unbind/split (not slicing): their backward is a stack/cat, not a zero-filled full tensor per slice
+        parts = [xk.split([n_u, xk.shape[0] - n_u], 0) for xk in x.unbind(0)]
+        mu = [spmm(a_ui, parts[k][1]) for k, (a_ui, _) in enumerate(adjs)]
+        mi = [spmm(a_iu, parts[k][0]) for k, (_, a_iu) in enumerate(adjs)]
+        m_i = torch.stack(mi, 0)
+        if comm.world_size > 1:
+            Kp, n_i, d = m_i.shape
+            m_i = comm.all_reduce_sum(m_i.reshape(Kp, n_i * d)).view(Kp, n_i, d)
+        return torch.cat([torch.stack(mu, 0), m_i], 1)
+
+    def _layer(self, m: torch.Tensor, rel_l: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """h = LeakyReLU((m ⊙ r) W) for a [K', N, d] stack with r: [K', d] (= m @ (diag(r) W))."""
+        return F.leaky_relu(torch.bmm(m, rel_l.unsqueeze(-1) * W.unsqueeze(0)), negative_slope=0.01)
+
+    # ------------------------------------------------------------- forward
+    def forward(self, adjs: Sequence[Adjacency], comm: Comm | None = None,
+                generator: torch.Generator | None = None, keep_layers: bool = True) -> Propagated:
+        """Propagate over all behaviors.
+
+        adjs: per behavior (A_ui_local, A_iu_local), normalized, constant values.
+        generator: source of the dropout masks (required in training mode when dropout > 0).
+        keep_layers: keep the per-layer pre-CDM stacks for :meth:`forward_views`.
+        """
+        comm = comm or LocalComm()
+        K, L, d = self.n_behaviors, self.n_layers, self.dim
+        if len(adjs) != K:
+            raise ValueError(f"expected {K} adjacencies, got {len(adjs)}")
+        n_u = self.n_users
+        rel = self.relation_layers()
+        ego0 = torch.cat([self.user_embedding, self.item_embedding], 0)
+        x = ego0.unsqueeze(0).expand(K, -1, -1)
+        acc = None
+        layer_h: list[torch.Tensor] = []
+        for l in range(L):
+            h = self._layer(self._messages(adjs, x, comm), rel[l], self.W_gc[l])  # [K, N, d]
+            if keep_layers:
+                layer_h.append(h)
+            e = self._cdm(h)
+            masks = self._drop_mask((K,), generator, e.device, e.dtype)
+            if masks is not None:
+                e = e * torch.cat(masks, 1)
+            x = e
+            acc = e if acc is None else acc + e
+        out = (acc + ego0.unsqueeze(0)) / (L + 1) if acc is not None else ego0.unsqueeze(0).expand(K, -1, -1)
+        out_u, out_i = out.permute(1, 0, 2).split([n_u, self.n_items], 0)  # [N, K, d]
+        relations = torch.stack(rel, 0).mean(0)
+        return Propagated(out_u, out_i, relations, layer_h if keep_layers else [], rel)
+
+    def forward_views(self, base: Propagated, view_adjs: Sequence[Adjacency],
+                      adjs: Sequence[Adjacency] | None = None, comm: Comm | None = None,
+                      generator: torch.Generator | None = None, mode: str = "target") -> list[torch.Tensor]:
+        """Target-behavior embeddings of the intra-SSL views.
+
+        view_adjs: one (A_ui, A_iu) of the *target* behavior per view.
+        mode ``target`` (default, fast): only the target behavior is propagated over the view;
+            the auxiliary behaviors' per-layer messages ``h_j`` (j < K) are taken from the main
+            propagation ``base`` (same parameters; gradients flow through them), and the CDM of
+            the target row mixes them with the view's own ``h_K``. Per view this costs one
+            target-behavior SpMM pair, one [N, d] x [d, d] matmul and the target row of the CDM
+            per layer, instead of a full K-behavior propagation. Dropout masks: one [N, d] mask
+            per layer (only the target row exists).
+        mode ``full`` (the authors' code): a full K-behavior propagation per view, auxiliary
+            behaviors over their original graphs, the target over the view. Needs ``adjs``.
+        Returns per view a [n_local_users + n_items, d] tensor (users first).
+        """
+        comm = comm or LocalComm()
+        if mode not in VIEW_MODES:
+            raise ValueError(f"view mode must be one of {VIEW_MODES}, got {mode!r}")
+        K, L, d = self.n_behaviors, self.n_layers, self.dim
+        out = []
+        if mode == "full":
+            if adjs is None:
+                raise ValueError("mode='full' needs the main adjacencies")
+            for va in view_adjs:
+                pv = self.forward(list(adjs[:-1]) + [va], comm, generator, keep_layers=False)
+                out.append(torch.cat([pv.users[:, -1], pv.items[:, -1]], 0))
+            return out
+        if len(base.layer_h) != L:
+            raise ValueError("base propagation must be run with keep_layers=True for mode='target'")
+        rel = base.layer_rel if base.layer_rel else self.relation_layers()
+        ego0 = torch.cat([self.user_embedding, self.item_embedding], 0)
+        for va in view_adjs:
+            x = ego0.unsqueeze(0)
+            acc = ego0
+            for l in range(L):
+                h_t = self._layer(self._messages([va], x, comm), rel[l][K - 1:], self.W_gc[l])  # [1, N, d]
+                if self.use_cdm and K > 1:
+                    e = self._cdm(torch.cat([base.layer_h[l][:K - 1], h_t], 0), only=K - 1)
+                else:
+                    e = h_t[0]
+                masks = self._drop_mask((), generator, e.device, e.dtype)
+                if masks is not None:
+                    e = e * torch.cat(masks, 0)
+                x = e.unsqueeze(0)
+                acc = acc + e
+            out.append(acc / (L + 1))
+        return out
+
+    # ------------------------------------------------------------- scoring
+    def interaction_term(self, indicators: torch.Tensor) -> torch.Tensor:
+        """s = indicators @ w for pairs with a [n_pairs, K] 0/1 indicator matrix (the target
+        column is masked unless ``interaction_include_target``)."""
+        w = self.behavior_weight
+        if not self.interaction_include_target:
+            w = torch.cat([w[:-1], w.new_zeros(1)])
+        return indicators.to(w.dtype) @ w
+
+    def score(self, prop: Propagated, users: torch.Tensor, items: torch.Tensor | None = None,
+              user_items: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Scores of local ``users`` against ``items`` (default: all items), [B, n_items].
+
+        user_items: with interaction scoring, per behavior a binary sparse CSR (or dense)
+        [n_local_users x n_items] interaction matrix (rows are selected by ``users``).
+        """
+        eu = prop.users[users, -1]
+        ei = prop.items[:, -1] if items is None else prop.items[items, -1]
+        s = eu @ (ei * prop.relations[-1]).T
+        if self.interaction_scoring:
+            b = self.item_bias if items is None else self.item_bias[items]
+            s = s + b.unsqueeze(0)
+            if user_items is not None:
+                w = self.behavior_weight
+                for k, X in enumerate(user_items):
+                    if k == self.n_behaviors - 1 and not self.interaction_include_target:
+                        continue
+                    rows = _select_rows_dense(X, users, s.dtype)
+                    if items is not None:
+                        rows = rows[:, items]
+                    s = s + w[k] * rows
+        return s
+
+    @torch.no_grad()
+    def recommend(self, users: torch.Tensor, adjs: Sequence[Adjacency], comm: Comm | None = None,
+                  user_items: Sequence[torch.Tensor] | None = None, prop: Propagated | None = None) -> torch.Tensor:
+        """Eval-mode scores [len(users), n_items] (no dropout). Pass ``prop`` to reuse one
+        propagation over many user batches. Note: in a distributed run every rank must call the
+        propagation (it contains a collective)."""
+        was = self.training
+        self.eval()
+        try:
+            if prop is None:
+                prop = self.forward(adjs, comm, keep_layers=False)
+            return self.score(prop, users, user_items=user_items)
+        finally:
+            self.train(was)
+
+
+def _select_rows_dense(X: torch.Tensor, rows: torch.Tensor, dtype) -> torch.Tensor:
+    if X.layout == torch.sparse_csr:
+        crow, col = X.crow_indices(), X.col_indices()
+        starts, ends = crow[rows], crow[rows + 1]
+        counts = ends - starts
+        out = torch.zeros(rows.numel(), X.shape[1], dtype=dtype, device=X.device)
+        if counts.sum() > 0:
+            r = torch.repeat_interleave(torch.arange(rows.numel(), device=X.device), counts)
+            offs = torch.arange(int(counts.sum()), device=X.device) - torch.repeat_interleave(
+                torch.cumsum(counts, 0) - counts, counts)
+            idx = torch.repeat_interleave(starts, counts) + offs
+            out[r, col[idx]] = X.values()[idx].to(dtype)
+        return out
+    if X.is_sparse:
+        X = X.to_dense()
+    return X[rows].to(dtype)

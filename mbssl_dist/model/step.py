@@ -1,0 +1,309 @@
+"""One MBSSL training step: one forward, per-task gradients, HMG, Adam.
+
+Per step (K behaviors, L layers, N = local users + items, B batch users, P = batch positive
+pairs, d = 64):
+
+* main propagation over all K behaviors: per layer K SpMM pairs + one [N·K, d]x[d, d] matmul
+  + the CDM ([N·K, d]x[d, K·16]) -- O(L·(nnz·d + N·K·d² + N·K²·d·16));
+* two intra views propagated for the *target behavior only* (``view_mode="target"``, the
+  auxiliary h_j come from the main propagation): per view and layer one SpMM pair over the
+  target view + one [N, d]x[d, d] matmul + the target row of the CDM;
+* losses: non-sampling O((B + |I|)·K·d² + P·d); each InfoNCE side has one logits matrix of
+  unique anchors x candidates (B x n_users, |items of the batch| x n_items); the reference
+  repeats every user once per purchased item (P x n_users) -- a weighted unique anchor is the
+  same sum;
+* one backward per task (rec, intra, inter_1..K−1) plus one for the decay term (the reference
+  also keeps the decay outside HMG), each through the shared graph.
+
+All randomness comes from :func:`make_generator` keyed by (seed, epoch, step, stream), so all
+ranks and all re-runs draw the same dropout masks.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..parallel.comm import Comm, LocalComm
+from .hmg import HMG
+from .losses import (Anchors, InteractionTerms, InterBehaviorInfoNCE, IntraBehaviorInfoNCE, NonSamplingLoss)
+from .mbssl import MBSSL, Adjacency
+
+ReduceGrads = Callable[[list, list], list]
+
+
+def make_generator(seed: int, epoch: int, step: int, stream: str, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator seeded from a hash of (seed, epoch, step, stream): identical on every
+    rank, independent across streams ("dropout", "views", "batch", ...)."""
+    h = hashlib.blake2b(f"{int(seed)}|{int(epoch)}|{int(step)}|{stream}".encode(), digest_size=8).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+    return g
+
+
+# ------------------------------------------------------------------------------ batches
+def _csr_rows(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row position in ``rows``, column) of every entry of the selected CSR rows."""
+    starts, ends = indptr[rows], indptr[rows + 1]
+    counts = ends - starts
+    total = int(counts.sum())
+    pos = torch.repeat_interleave(torch.arange(rows.numel()), counts)
+    if total == 0:
+        return pos, indices.new_zeros(0)
+    offs = torch.arange(total) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return pos, indices[torch.repeat_interleave(starts, counts) + offs]
+
+
+def _fn_rows(table: tuple[torch.Tensor, torch.Tensor] | None, rows: torch.Tensor):
+    if table is None:
+        return None, None
+    indptr, indices = table
+    pos, cols = _csr_rows(indptr, indices, rows)
+    counts = torch.bincount(pos, minlength=rows.numel())
+    out_ptr = torch.zeros(rows.numel() + 1, dtype=torch.int64)
+    out_ptr[1:] = torch.cumsum(counts, 0)
+    return out_ptr, cols.to(torch.int64)
+
+
+@dataclass
+class Batch:
+    """One rank's share of a training batch.
+
+    users: local user rows; pos[k] = (row into ``users``, item) of behavior k's positives;
+    user_anchors / item_anchors: SSL anchors (reference: every (user, purchased item) pair →
+    users weighted by their target-positive count, purchased items with multiplicity), with
+    false-negative rows attached; interaction: indicator inputs for interaction scoring."""
+
+    users: torch.Tensor
+    pos: list[tuple[torch.Tensor, torch.Tensor]]
+    user_anchors: Anchors
+    item_anchors: Anchors
+    pos_indicators: torch.Tensor | None = None  # [nnz_target_pos, K]
+    supp_rows: torch.Tensor | None = None
+    supp_items: torch.Tensor | None = None
+    supp_indicators: torch.Tensor | None = None  # [n_supp, K]
+
+
+def build_batch(csr: Sequence[tuple[torch.Tensor, torch.Tensor]], users: torch.Tensor, n_items: int,
+                user_ids: torch.Tensor | None = None,
+                user_fn: tuple[torch.Tensor, torch.Tensor] | None = None,
+                item_fn: tuple[torch.Tensor, torch.Tensor] | None = None,
+                interaction: bool = False, interaction_include_target: bool = False) -> Batch:
+    """Build a :class:`Batch` from the local per-behavior user->item CSR (indptr, indices).
+
+    users: local rows of the batch users on this rank. user_ids: global ids of all local rows
+    (None = identity). user_fn: FN table indexed by *local* user row, global user ids as
+    values; item_fn: FN table over all items."""
+    users = users.to(torch.int64)
+    K = len(csr)
+    pos = [_csr_rows(ip.to(torch.int64), ix.to(torch.int64), users) for ip, ix in csr]
+    t_rows, t_items = pos[-1]
+    u_w = torch.bincount(t_rows, minlength=users.numel()).to(torch.float64)
+    keep = u_w > 0
+    u_rows = users[keep]
+    gids = u_rows if user_ids is None else user_ids[u_rows]
+    fptr, fidx = _fn_rows(user_fn, u_rows)
+    user_anchors = Anchors(u_rows, u_w[keep], gids, fptr, fidx)
+    items, i_w = torch.unique(t_items, return_counts=True)
+    iptr, iidx = _fn_rows(item_fn, items)
+    item_anchors = Anchors(items, i_w.to(torch.float64), items, iptr, iidx)
+    b = Batch(users, pos, user_anchors, item_anchors)
+    if interaction:
+        keys = [r * n_items + i for r, i in pos]
+        skeys = [torch.sort(kk)[0] for kk in keys]
+        cand = [kk for k, kk in enumerate(keys) if k < K - 1 or interaction_include_target]
+        supp = torch.unique(torch.cat(cand)) if cand else torch.zeros(0, dtype=torch.int64)
+
+        def ind(q: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.isin(q, sk).to(torch.float64) for sk in skeys], 1) if q.numel() else \
+                torch.zeros(0, K, dtype=torch.float64)
+
+        b.pos_indicators = ind(keys[-1])
+        b.supp_rows = supp // n_items
+        b.supp_items = supp % n_items
+        b.supp_indicators = ind(supp)
+    return b
+
+
+def make_views(graph, mode: str, p: float, seed: int, epoch: int, norm: str = "sym",
+               dtype: torch.dtype = torch.float32, device="cpu") -> list[Adjacency]:
+    """Two random views of the target ``BehaviorGraph`` (``edge`` dropout, the paper's ρ, or
+    ``node`` dropout, the reference code) as (A_ui, A_iu) pairs; redrawn per epoch."""
+    g = make_generator(seed, epoch, -1, "views")
+    out = []
+    for _ in range(2):
+        if mode == "edge":
+            v = graph.edge_dropout(p, g)
+        elif mode == "node":
+            v = graph.node_dropout(p, g)
+        else:
+            raise ValueError(f"view mode must be 'edge' or 'node', got {mode!r}")
+        out.append(v.adjacency(norm, dtype, device))
+    return out
+
+
+# ------------------------------------------------------------------------------ state
+@dataclass
+class TrainConfig:
+    rec_weights: Sequence[float]  # λ_k per behavior (target last)
+    c_neg: float | Sequence[float] = 0.1
+    decay: float = 10.0
+    tau: float = 0.5
+    intra_weight: float = 1.0  # reference ssl_reg
+    inter_weights: Sequence[float] | None = None  # per auxiliary behavior, reference ssl_reg_inter (default 1)
+    use_intra: bool = True
+    use_inter: bool = True
+    fn_mode: str = "remove"
+    view_mode: str = "target"  # 'target' (fast) or 'full' (reference)
+    item_extra_zero_logits: int = 0  # 1 = the reference's zero token item row
+    lr: float = 1e-3
+    seed: int = 2020
+    hmg_strategy: str = "hmg"
+    hmg_relax: float = 0.7
+    hmg_beta: float = 0.9
+    hmg_use_ema: bool = True
+
+
+class TrainState:
+    """Everything optimizer-side that a checkpoint needs: Adam, HMG EMA norms, epoch, step, seed."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, hmg: HMG, seed: int, epoch: int = 0, step: int = 0) -> None:
+        self.optimizer = optimizer
+        self.hmg = hmg
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        self.step = int(step)  # global step counter (not reset per epoch)
+
+    def state_dict(self) -> dict:
+        # deep copy: the optimizer's state tensors are updated in place by later steps
+        return {"optimizer": copy.deepcopy(self.optimizer.state_dict()), "hmg": self.hmg.state_dict(), "seed": self.seed,
+                "epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.hmg.load_state_dict(sd["hmg"])
+        self.seed = int(sd["seed"])
+        self.epoch = int(sd["epoch"])
+        self.step = int(sd["step"])
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]
+    hmg: dict
+    tasks: list[str] = field(default_factory=list)
+
+
+class NonFiniteLossError(FloatingPointError):
+    def __init__(self, task: str, value: float) -> None:
+        super().__init__(f"non-finite loss in task {task!r}: {value}")
+        self.task = task
+        self.value = value
+
+
+class TrainStep:
+    """Callable doing one optimization step. Tasks: ``rec`` (target), ``intra`` (unless
+    ``use_intra`` is off), ``inter_k`` per auxiliary behavior (unless ``use_inter`` is off);
+    the decay term ``reg`` is added to the combined gradient outside HMG, as in the reference
+    (``MBSSL.py``: ``metabalance.step([...])`` then ``batch_emb_loss.backward()``).
+
+    reduce_grads(grads, sharded_flags) -> grads: hook of the distributed layer, called once per
+    task with the list of that task's gradients (None for unused); it must all-reduce the
+    replicated tensors' gradients (sharded ones stay local). Identity by default."""
+
+    def __init__(self, model: MBSSL, config: TrainConfig, comm: Comm | None = None,
+                 reduce_grads: ReduceGrads | None = None, state: TrainState | None = None) -> None:
+        self.model = model
+        self.cfg = config
+        self.comm = comm or LocalComm()
+        self.reduce_grads = reduce_grads
+        K = model.n_behaviors
+        self.rec_loss = NonSamplingLoss(config.rec_weights, config.c_neg, config.decay)
+        self.inter_loss = InterBehaviorInfoNCE(config.tau, config.fn_mode,
+                                               item_extra_zero_logits=config.item_extra_zero_logits)
+        self.intra_loss = IntraBehaviorInfoNCE(config.tau, item_extra_zero_logits=config.item_extra_zero_logits)
+        self.inter_weights = list(config.inter_weights) if config.inter_weights is not None else [1.0] * (K - 1)
+        self.tasks = ["rec"]
+        if config.use_intra:
+            self.tasks.append("intra")
+        if config.use_inter:
+            self.tasks += [f"inter_{k}" for k in range(K - 1)]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sharded = [p is model.user_embedding for p in self.params]
+        if state is None:
+            opt = torch.optim.Adam(self.params, lr=config.lr)
+            hmg = HMG(len(self.tasks), config.hmg_strategy, config.hmg_relax, config.hmg_beta, config.hmg_use_ema)
+            state = TrainState(opt, hmg, config.seed)
+        self.state = state
+
+    def _reduce(self, grads: list) -> list:
+        return list(grads) if self.reduce_grads is None else list(self.reduce_grads(list(grads), list(self.sharded)))
+
+    def compute_losses(self, batch: Batch, adjs: Sequence[Adjacency], view_adjs: Sequence[Adjacency] | None,
+                       generator: torch.Generator) -> dict[str, torch.Tensor]:
+        m, cfg, comm = self.model, self.cfg, self.comm
+        K = m.n_behaviors
+        need_views = cfg.use_intra
+        prop = m(adjs, comm, generator, keep_layers=need_views and cfg.view_mode == "target")
+        bu = prop.users[batch.users]
+        inter_terms = None
+        if m.interaction_scoring:
+            s_pos = m.interaction_term(batch.pos_indicators) if batch.pos_indicators is not None else None
+            s_supp = m.interaction_term(batch.supp_indicators) if batch.supp_indicators is not None else None
+            inter_terms = InteractionTerms(m.item_bias, s_pos, batch.supp_rows, batch.supp_items, s_supp)
+        rec, reg, _ = self.rec_loss(bu, prop.items, prop.relations, batch.pos, comm, inter_terms)
+        losses = {"rec": rec}
+        cand_ids = m.user_ids
+        if cfg.use_intra:
+            if view_adjs is None or len(view_adjs) != 2:
+                raise ValueError("intra SSL needs two view adjacencies of the target behavior")
+            v1, v2 = m.forward_views(prop, view_adjs, adjs, comm, generator, cfg.view_mode)
+            n_u = m.n_users
+            losses["intra"] = self.intra_loss(v1[:n_u], v2[:n_u], batch.user_anchors, v1[n_u:], v2[n_u:],
+                                              batch.item_anchors, comm, cand_ids, cfg.intra_weight)
+        if cfg.use_inter:
+            for k in range(K - 1):
+                losses[f"inter_{k}"] = self.inter_loss(prop.users[:, K - 1], prop.users[:, k], batch.user_anchors,
+                                                       prop.items[:, K - 1], prop.items[:, k], batch.item_anchors,
+                                                       comm, cand_ids, self.inter_weights[k])
+        losses["reg"] = reg
+        return losses
+
+    def __call__(self, batch: Batch, adjs: Sequence[Adjacency], view_adjs: Sequence[Adjacency] | None = None) -> StepResult:
+        st = self.state
+        self.model.train()
+        gen = make_generator(st.seed, st.epoch, st.step, "dropout")
+        losses = self.compute_losses(batch, adjs, view_adjs, gen)
+        # global values for reporting / finiteness (sum over ranks; one collective)
+        names = self.tasks + ["reg"]
+        vals = torch.stack([losses[n].detach().to(torch.float64) for n in names])
+        if self.comm.world_size > 1:
+            vals = self.comm.all_reduce_sum_(vals.clone())
+        for n, v in zip(names, vals.tolist()):
+            if not math.isfinite(v):
+                raise NonFiniteLossError(n, v)
+        order = names
+        grads: dict[str, list] = {}
+        for idx, n in enumerate(order):
+            g = torch.autograd.grad(losses[n], self.params, retain_graph=idx < len(order) - 1, allow_unused=True)
+            grads[n] = self._reduce(list(g))
+        combined, stats = st.hmg.combine([grads[n] for n in self.tasks], self.sharded, self.comm)
+        opt = st.optimizer
+        for p, c, r in zip(self.params, combined, grads["reg"]):
+            if c is None and r is None:
+                p.grad = None
+            elif c is None:
+                p.grad = r.detach().clone()
+            else:
+                p.grad = c if r is None else c.add_(r)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        st.step += 1
+        stats = {k: v for k, v in stats.items() if k not in ("alpha", "gamma")}
+        stats["aux_tasks"] = self.tasks[1:]
+        return StepResult({n: float(v) for n, v in zip(names, vals.tolist())}, stats, list(self.tasks))

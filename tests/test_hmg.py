@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+
+from mbssl_dist.model.hmg import HMG
+
+D = torch.float64
+
+
+def _t(*v):
+    return torch.tensor(v, dtype=D)
+
+
+def test_hmg_fires_projects_and_rescales():
+    # one tensor; aux larger than target and conflicting
+    g0 = _t(1.0, 0.0)
+    g1 = _t(-3.0, 4.0)  # norm 5, dot -3
+    h = HMG(2, "hmg", relax=0.7, beta=0.9)
+    (out,), stats = h.combine([[g0], [g1]])
+    m0, m1 = 0.1 * 1.0, 0.1 * 5.0  # EMA after one step from zero
+    proj = g1 - (-3.0 / 1.0) * g0  # = (0, 4)
+    want = g0 + 0.7 * (m0 / m1) * proj + 0.3 * proj
+    assert torch.allclose(out, want)
+    a = stats["aux"][0]
+    assert a["frac_projected"] == 1.0 and a["frac_rescaled"] == 1.0
+    assert math.isclose(a["norm_ratio"], 5.0) and math.isclose(a["cosine"], -0.6)
+
+
+def test_hmg_nothing_fires_when_aux_smaller():
+    g0 = _t(3.0, 0.0)
+    g1 = _t(-1.0, 1.0)  # smaller and conflicting: kept unaltered
+    (out,), stats = HMG(2, "hmg").combine([[g0], [g1]])
+    assert torch.allclose(out, g0 + g1)
+    assert stats["aux"][0]["frac_projected"] == 0.0 and stats["aux"][0]["frac_rescaled"] == 0.0
+
+
+def test_hmg_no_projection_without_conflict():
+    g0 = _t(1.0, 0.0)
+    g1 = _t(3.0, 4.0)
+    (out,), _ = HMG(2, "hmg").combine([[g0], [g1]])
+    want = g0 + (0.7 * (0.1 / 0.5) + 0.3) * g1
+    assert torch.allclose(out, want)
+
+
+def test_strategies_hand_computed():
+    g0 = _t(2.0, 0.0)
+    small = _t(-1.0, 0.5)   # norm ~1.118 < 2, conflicting
+    big = _t(-3.0, 4.0)     # norm 5 > 2, conflicting
+    n_small = math.hypot(-1.0, 0.5)
+
+    def proj(g):
+        return g - (g @ g0) / (g0 @ g0) * g0
+
+    def sc(g_norm):
+        return 0.7 * (2.0 / g_norm) + 0.3  # EMA ratio equals current-norm ratio after 1 step
+
+    cases = {
+        "A": g0 + proj(small) + proj(big),
+        "B": g0 + sc(n_small) * small + sc(5.0) * big,
+        "C": g0 + sc(n_small) * proj(small) + sc(5.0) * proj(big),
+        "none": g0 + small + big,
+        "hmg": g0 + small + sc(5.0) * proj(big),
+    }
+    for s, want in cases.items():
+        (out,), _ = HMG(3, s).combine([[g0], [small], [big]])
+        assert torch.allclose(out, want), s
+
+
+def test_ema_two_steps_and_state_dict():
+    h = HMG(2, "hmg", beta=0.9)
+    g0a, g1a = _t(1.0, 0.0), _t(0.0, 0.5)  # step 1: aux smaller -> untouched
+    (o1,), _ = h.combine([[g0a], [g1a]])
+    assert torch.allclose(o1, g0a + g1a)
+    assert torch.allclose(h.ema, torch.tensor([[0.1], [0.05]], dtype=D))
+    sd = h.state_dict()
+    # step 2: current aux norm 3 > target 1, but what decides is the EMA:
+    # m0 = 0.9*0.1 + 0.1*1 = 0.19 ; m1 = 0.9*0.05 + 0.1*3 = 0.345 > m0 -> fires
+    g0b, g1b = _t(1.0, 0.0), _t(0.0, 3.0)
+    (o2,), _ = h.combine([[g0b], [g1b]])
+    want = g0b + (0.7 * 0.19 / 0.345 + 0.3) * g1b
+    assert torch.allclose(o2, want)
+    # restoring the state reproduces step 2 exactly
+    h2 = HMG(2, "hmg", beta=0.9)
+    h2.load_state_dict(sd)
+    (o2b,), _ = h2.combine([[g0b], [g1b]])
+    assert torch.allclose(o2b, o2) and h2.steps == 2
+
+
+def test_ema_decides_not_current_norm():
+    h = HMG(2, "hmg", beta=0.9)
+    h.combine([[_t(10.0)], [_t(1.0)]])  # m0 = 1.0, m1 = 0.1
+    g0, g1 = _t(1.0), _t(-5.0)  # current aux norm is larger, EMA m1 = 0.59 < m0 = 1.0
+    (out,), _ = h.combine([[g0], [g1]])
+    assert torch.allclose(out, g0 + g1)
+    # the paper's variant (current norms) fires
+    hp = HMG(2, "hmg", use_ema=False)
+    (outp,), _ = hp.combine([[g0], [g1]])
+    # projection of -5 onto normal plane of 1 (1-D) is 0
+    assert torch.allclose(outp, g0)
+
+
+def test_per_tensor_decisions_and_none_grads():
+    g0 = [_t(1.0, 0.0), _t(5.0)]
+    g1 = [_t(-2.0, 2.0), None]
+    out, stats = HMG(2, "hmg").combine([g0, g1])
+    proj = _t(0.0, 2.0)
+    n1 = math.hypot(2.0, 2.0)
+    assert torch.allclose(out[0], g0[0] + (0.7 * 1.0 / n1 + 0.3) * proj)
+    assert torch.allclose(out[1], g0[1])
+    assert stats["aux"][0]["frac_projected"] == 1.0  # 1 of the 1 tensor where aux is non-zero
+
+
+class _FakeComm:
+    """Two identical 'ranks': all_reduce_sum_ doubles, as if the other rank held the same values."""
+
+    world_size = 2
+    rank = 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def all_reduce_sum_(self, t):
+        self.calls += 1
+        return t.mul_(2.0)
+
+
+def test_sharded_scalars_one_collective():
+    comm = _FakeComm()
+    g0 = [_t(1.0, 0.0), _t(2.0)]
+    g1 = [_t(-1.0, 1.0), _t(1.0)]
+    out, stats = HMG(2, "hmg").combine([g0, g1], sharded=[True, False], comm=comm)
+    assert comm.calls == 1
+    # sharded tensor: global norm² doubled but ratios, and so coefficients, are unchanged
+    (ref0,), _ = HMG(2, "hmg").combine([[g0[0]], [g1[0]]])
+    assert torch.allclose(out[0], ref0)
+
+
+def test_bad_strategy():
+    with pytest.raises(ValueError):
+        HMG(2, "X")

@@ -1,0 +1,253 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mbssl_dist.graph.multigraph import BehaviorGraph
+from mbssl_dist.model import (HMG, MBSSL, NonFiniteLossError, TrainConfig, TrainState, TrainStep, build_batch,
+                              make_generator, make_views)
+from mbssl_dist.model.mbssl import spmm
+
+D = torch.float64
+NU, NI, K = 7, 6, 3
+
+
+def _graphs(seed=0):
+    rng = np.random.default_rng(seed)
+    gs = []
+    for k, p in enumerate([0.5, 0.4, 0.3]):
+        m = rng.random((NU, NI)) < p
+        m[np.arange(NU), rng.integers(0, NI, NU)] = True  # every user has one edge
+        u, i = np.nonzero(m)
+        gs.append(BehaviorGraph.from_pairs(u, i, NU, NI))
+    return gs
+
+
+def _adjs(gs):
+    return [g.adjacency("sym", D) for g in gs]
+
+
+def _naive(model, gs):
+    """Straight transcription of the reference propagation (dense symmetric adjacency over
+    users+items, per-behavior loop, per-behavior attention loop), eval mode (no dropout)."""
+    N = NU + NI
+    ego = torch.cat([model.user_embedding, model.item_embedding]).unsqueeze(1).repeat(1, K, 1)
+    allemb = ego
+    rels = [[model.relation_embedding[k].view(1, -1)] for k in range(K)]
+    for l in range(model.n_layers):
+        hs = []
+        for k in range(K):
+            A = torch.zeros(N, N, dtype=D)
+            dense = torch.from_numpy(gs[k].to_scipy().toarray()).to(D)
+            A[:NU, NU:] = dense
+            A[NU:, :NU] = dense.T
+            deg = A.sum(1)
+            dinv = torch.where(deg > 0, deg.pow(-0.5), torch.zeros_like(deg))
+            A = dinv[:, None] * A * dinv[None, :]
+            e = A @ ego[:, k]
+            hs.append(F.leaky_relu((e * rels[k][l]) @ model.W_gc[l]))
+        st = torch.stack(hs, 1)
+        outs = []
+        for i in range(K):
+            if model.use_cdm:
+                att = torch.softmax((torch.tanh(st @ model.att_w1[i]) @ model.att_w2[i].view(-1, 1)).squeeze(2), 1)
+                outs.append((att.unsqueeze(1) @ st).squeeze(1))
+            else:
+                outs.append(st[:, i])
+        ego = torch.stack(outs, 1)
+        allemb = allemb + ego
+        for k in range(K):
+            rels[k].append(rels[k][l] @ model.W_rel[l])
+    allemb = allemb / (model.n_layers + 1)
+    rel = torch.stack([torch.stack(r, 0).mean(0).view(-1) for r in rels])
+    return allemb[:NU], allemb[NU:], rel
+
+
+@pytest.mark.parametrize("use_cdm", [True, False])
+def test_forward_matches_naive_reference(use_cdm):
+    gs = _graphs()
+    m = MBSSL(NU, NI, K, dim=4, n_layers=3, att_dim=2, use_cdm=use_cdm, dtype=D).eval()
+    with torch.no_grad():
+        p = m(_adjs(gs))
+        u, i, r = _naive(m, gs)
+    assert p.users.shape == (NU, K, 4) and p.items.shape == (NI, K, 4)
+    assert torch.allclose(p.users, u) and torch.allclose(p.items, i) and torch.allclose(p.relations, r)
+    s = m.recommend(torch.tensor([0, 3]), _adjs(gs))
+    want = u[[0, 3], -1] @ (i[:, -1] * r[-1]).T
+    assert torch.allclose(s, want)
+
+
+def test_views_on_unchanged_graph_equal_main_target():
+    gs = _graphs(1)
+    m = MBSSL(NU, NI, K, dim=4, n_layers=2, att_dim=2, dtype=D).eval()
+    adjs = _adjs(gs)
+    with torch.no_grad():
+        p = m(adjs)
+        main_t = torch.cat([p.users[:, -1], p.items[:, -1]])
+        for mode in ("target", "full"):
+            v = m.forward_views(p, [adjs[-1]], adjs, mode=mode)[0]
+            assert torch.allclose(v, main_t), mode
+
+
+def test_dropout_deterministic_from_generator_and_local_rows():
+    gs = _graphs(2)
+    m = MBSSL(NU, NI, K, dim=4, n_layers=2, att_dim=2, dtype=D).train()
+    adjs = _adjs(gs)
+    a = m(adjs, generator=make_generator(1, 0, 5, "dropout")).users
+    b = m(adjs, generator=make_generator(1, 0, 5, "dropout")).users
+    c = m(adjs, generator=make_generator(1, 0, 6, "dropout")).users
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError):
+        m(adjs)  # training with dropout needs a generator
+
+
+def test_init_of_local_rows_matches_global():
+    full = MBSSL(10, NI, K, dim=4, init_generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([2, 7, 9])
+    part = MBSSL(3, NI, K, dim=4, n_users_global=10, user_ids=ids, init_generator=torch.Generator().manual_seed(3))
+    assert torch.equal(part.user_embedding, full.user_embedding[ids])
+    assert torch.equal(part.item_embedding, full.item_embedding)
+    assert part.sharded_flags().count(True) == 1
+
+
+def test_spmm_gradcheck():
+    g = _graphs(3)[0]
+    a_ui, a_iu = g.adjacency("row", D)
+    x = torch.randn(NI, 3, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: spmm(a_ui, t), (x,))
+    assert torch.allclose(spmm(a_ui, x), a_ui.to_dense() @ x)
+
+
+def test_model_gradcheck_small():
+    gs = _graphs(4)
+    m = MBSSL(NU, NI, K, dim=3, n_layers=2, att_dim=2, dtype=D).eval()
+    adjs = _adjs(gs)
+    # central finite differences (float64) on a few coordinates of several parameter tensors
+    def loss():
+        p = m(adjs)
+        return (p.users[:, -1] @ (p.items[:, -1] * p.relations[-1]).T).square().sum()
+
+    l = loss()
+    grads = torch.autograd.grad(l, [m.user_embedding, m.W_gc[1], m.att_w1, m.relation_embedding])
+    eps = 1e-6
+    for prm, gr in zip([m.user_embedding, m.W_gc[1], m.att_w1, m.relation_embedding], grads):
+        flat = prm.data.view(-1)
+        for idx in [0, flat.numel() // 2, flat.numel() - 1]:
+            old = flat[idx].item()
+            flat[idx] = old + eps
+            lp = loss().item()
+            flat[idx] = old - eps
+            lm = loss().item()
+            flat[idx] = old
+            fd = (lp - lm) / (2 * eps)
+            assert abs(fd - gr.reshape(-1)[idx].item()) < 1e-6 * max(1.0, abs(fd)), (prm.shape, idx)
+
+
+def test_interaction_scoring_score():
+    gs = _graphs(5)
+    m = MBSSL(NU, NI, K, dim=4, n_layers=1, att_dim=2, interaction_scoring=True, dtype=D).eval()
+    with torch.no_grad():
+        m.behavior_weight.copy_(torch.tensor([0.5, -1.0, 7.0], dtype=D))
+        m.item_bias.copy_(torch.arange(NI, dtype=D))
+    adjs = _adjs(gs)
+    X = [torch.from_numpy(g.to_scipy().toarray()).to(D) for g in gs]
+    users = torch.tensor([1, 4])
+    with torch.no_grad():
+        p = m(adjs)
+        base = p.users[users, -1] @ (p.items[:, -1] * p.relations[-1]).T
+        want = base + torch.arange(NI, dtype=D) + 0.5 * X[0][users] - 1.0 * X[1][users]  # target indicator off
+        csr = [x.to_sparse_csr() for x in X]
+        assert torch.allclose(m.recommend(users, adjs, user_items=csr), want)
+
+
+# ----------------------------------------------------------------------------- step
+def _step_setup(**cfg_kw):
+    gs = _graphs(6)
+    m = MBSSL(NU, NI, K, dim=4, n_layers=2, att_dim=2, dtype=D)
+    cfg = TrainConfig(rec_weights=[0.2, 0.3, 0.5], c_neg=0.1, decay=0.01, tau=0.5, **cfg_kw)
+    step = TrainStep(m, cfg)
+    csr = [(g.indptr, g.indices) for g in gs]
+    ufn = (torch.arange(NU + 1) * 2, torch.randint(0, NU, (2 * NU,), generator=torch.Generator().manual_seed(0)))
+    ifn = (torch.arange(NI + 1), torch.randint(0, NI, (NI,), generator=torch.Generator().manual_seed(1)))
+    batch = build_batch(csr, torch.tensor([0, 2, 5]), NI, user_fn=ufn, item_fn=ifn,
+                        interaction=m.interaction_scoring)
+    views = make_views(gs[-1], "edge", 0.5, 2020, 0, dtype=D)
+    return gs, m, step, batch, views
+
+
+def test_train_step_runs_and_updates():
+    gs, m, step, batch, views = _step_setup()
+    before = [p.detach().clone() for p in m.parameters()]
+    res = step(batch, _adjs(gs), views)
+    assert res.tasks == ["rec", "intra", "inter_0", "inter_1"]
+    assert set(res.losses) == {"rec", "intra", "inter_0", "inter_1", "reg"}
+    assert all(math.isfinite(v) for v in res.losses.values())
+    assert len(res.hmg["aux"]) == 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert step.state.step == 1
+
+
+def test_train_step_matches_manual_hmg_combination():
+    gs, m, step, batch, views = _step_setup(view_mode="full")
+    adjs = _adjs(gs)
+    m2 = MBSSL(NU, NI, K, dim=4, n_layers=2, att_dim=2, dtype=D)
+    m2.load_state_dict(m.state_dict())
+    # manual: same losses, per-task grads, HMG, + reg, Adam
+    step2 = TrainStep(m2, step.cfg)
+    losses = step2.compute_losses(batch, adjs, views, make_generator(2020, 0, 0, "dropout"))
+    params = list(m2.parameters())
+    grads = [torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True) for t in step2.tasks]
+    reg = torch.autograd.grad(losses["reg"], params, allow_unused=True)
+    comb, _ = HMG(4).combine([list(g) for g in grads])
+    opt = torch.optim.Adam(params, lr=1e-3)
+    for p, c, r in zip(params, comb, reg):
+        p.grad = c + (r if r is not None else 0)
+    opt.step()
+    step(batch, adjs, views)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_ablations_and_interaction_scoring_step():
+    gs, m, step, batch, views = _step_setup(use_intra=False, use_inter=False)
+    res = step(batch, _adjs(gs))
+    assert res.tasks == ["rec"] and res.hmg["aux"] == []
+    gs = _graphs(6)
+    m = MBSSL(NU, NI, K, dim=4, n_layers=2, att_dim=2, dtype=D, interaction_scoring=True, use_cdm=False)
+    step = TrainStep(m, TrainConfig(rec_weights=[0.2, 0.3, 0.5], use_inter=False))
+    csr = [(g.indptr, g.indices) for g in gs]
+    b = build_batch(csr, torch.tensor([0, 1]), NI, interaction=True)
+    res = step(b, _adjs(gs), make_views(gs[-1], "node", 0.5, 1, 0, dtype=D))
+    assert m.item_bias.grad is None  # cleared after the step
+    assert not torch.equal(m.item_bias.detach(), torch.zeros(NI, dtype=D))
+
+
+def test_non_finite_loss_names_task():
+    gs, m, step, batch, views = _step_setup()
+    with torch.no_grad():
+        m.W_gc[0].fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="rec"):
+        step(batch, _adjs(gs), views)
+
+
+def test_train_state_roundtrip():
+    gs, m, step, batch, views = _step_setup()
+    step(batch, _adjs(gs), views)
+    sd = step.state.state_dict()
+    model_sd = {k: v.clone() for k, v in m.state_dict().items()}
+    r1 = step(batch, _adjs(gs), views)
+    after1 = [p.detach().clone() for p in m.parameters()]
+    m.load_state_dict(model_sd)
+    step.state.load_state_dict(sd)
+    r2 = step(batch, _adjs(gs), views)
+    assert r1.losses == r2.losses
+    for a, b in zip(after1, m.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_make_generator_streams():
+    a = torch.rand(3, generator=make_generator(1, 2, 3, "x"))
+    assert torch.equal(a, torch.rand(3, generator=make_generator(1, 2, 3, "x")))
+    assert not torch.equal(a, torch.rand(3, generator=make_generator(1, 2, 3, "y")))
