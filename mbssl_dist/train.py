@@ -141,14 +141,73 @@ def select_best(evals: list[dict], metric: str) -> dict | None:
     return max(evals, key=lambda r: (r[metric], -r["epoch"])) if evals else None
 
 
+@dataclass
+class ModelRun:
+    """What one rank trains: its model, step, adjacencies and batch builder."""
+
+    model: object
+    step: object
+    adjs: list
+    csr: list
+    part: object
+    n_items: int
+    user_fn: tuple | None
+    item_fn: tuple | None
+    user_items: list | None
+    dtype: torch.dtype = torch.float32
+
+    def batch(self, global_users: np.ndarray):
+        """This rank's share of a global batch of user ids (may be empty on some ranks)."""
+        from .model import build_batch
+
+        local = self.part.global_to_local[np.asarray(global_users, dtype=np.int64)]
+        rows = torch.from_numpy(np.sort(local[local >= 0]))
+        return build_batch(self.csr, rows, self.n_items, user_ids=torch.from_numpy(self.part.users),
+                           user_fn=self.user_fn, item_fn=self.item_fn,
+                           interaction=self.model.interaction_scoring)
+
+
+def epoch_permutation(n_users: int, seed: int, epoch: int) -> np.ndarray:
+    """Global batch order of an epoch: the same on every rank and for any number of ranks."""
+    from .model import make_generator
+
+    return torch.randperm(n_users, generator=make_generator(seed, epoch, -1, "batches")).numpy()
+
+
+def build_model(cfg: Config, ds, part, comm, device: torch.device, user_fn_all=None, item_fn=None,
+                dtype: torch.dtype = torch.float32) -> ModelRun:
+    """Model (local user rows, replicated items), training step with the gradient all-reduce
+    hook, and the local adjacencies/false-negative tables of ``part``."""
+    from .model import MBSSL, TrainStep, make_generator
+    from .parallel.layout import GradReducer
+
+    m, K = cfg.model, ds.n_behaviors
+    adjs = [part.graph.adjacency(k, m.norm, dtype, device) for k in range(K)]
+    csr = [(g.indptr, g.indices) for g in part.graph.graphs]
+    user_fn = select_rows(user_fn_all, part.users) if user_fn_all is not None else None
+    item_fn_t = (torch.from_numpy(np.asarray(item_fn[0], dtype=np.int64)),
+                 torch.from_numpy(np.asarray(item_fn[1], dtype=np.int64))) if item_fn is not None else None
+    model = MBSSL(part.n_local, ds.n_items, K, dim=m.dim, n_layers=m.n_layers, att_dim=m.att_dim,
+                  dropout=m.dropout, use_cdm=m.use_cdm, interaction_scoring=m.interaction_scoring,
+                  n_users_global=ds.n_users, user_ids=torch.from_numpy(part.users),
+                  init_generator=make_generator(cfg.train.seed, 0, 0, "init")).to(device)
+    step = TrainStep(model, step_config(cfg, K), comm)
+    step.reduce_grads = GradReducer(step.params, comm)
+    user_items = None
+    if m.interaction_scoring:
+        user_items = [torch.sparse_csr_tensor(g.indptr, g.indices, torch.ones(g.nnz), size=(g.n_users, g.n_items))
+                      for g in part.graph.graphs]
+    return ModelRun(model, step, adjs, csr, part, ds.n_items, user_fn, item_fn_t, user_items, dtype)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
 def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -> int:
     from .data import load_prepared
     from .data.cache import ensure_prepared, prepared_dir_for
-    from .model import MBSSL, NonFiniteLossError, TrainState, TrainStep, build_batch, make_generator
-    from .parallel.layout import GradReducer, shard_users, target_views
+    from .model import NonFiniteLossError
+    from .parallel.layout import shard_users, target_views
     from .tracking import RunLogger, git_commit
 
     t_start = time.time()
@@ -162,7 +221,6 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     comm.barrier()
     ds = load_prepared(prepared_dir_for(cfg.data))
     validate_against_data(cfg, ds.behaviors)
-    K = ds.n_behaviors
     log.info("data %s: %d users x %d items, behaviors %s, train counts %s", ds.path, ds.n_users, ds.n_items,
              ds.behaviors, ds.counts())
 
@@ -174,27 +232,12 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
 
     # 3. this rank's users and their graph (global degrees)
     part = shard_users(ds, comm, cfg.dist.partition, cfg.dist.partition_dir, tc.seed)
-    dtype = torch.float32
-    adjs = [part.graph.adjacency(k, cfg.model.norm, dtype, device) for k in range(K)]
-    csr = [(g.indptr, g.indices) for g in part.graph.graphs]
-    user_fn = select_rows(user_fn_all, part.users) if user_fn_all is not None else None
-    item_fn_t = (torch.from_numpy(item_fn[0]), torch.from_numpy(item_fn[1].astype(np.int64))) \
-        if item_fn is not None else None
     log.info("rank %d holds %d users, %d edges", comm.rank, part.n_local, sum(g.nnz for g in part.graph.graphs))
 
     # 4. model and training step
-    m = cfg.model
-    model = MBSSL(part.n_local, ds.n_items, K, dim=m.dim, n_layers=m.n_layers, att_dim=m.att_dim,
-                  dropout=m.dropout, use_cdm=m.use_cdm, interaction_scoring=m.interaction_scoring,
-                  n_users_global=ds.n_users, user_ids=torch.from_numpy(part.users),
-                  init_generator=make_generator(tc.seed, 0, 0, "init")).to(device)
-    step = TrainStep(model, step_config(cfg, K), comm)
-    step.reduce_grads = GradReducer(step.params, comm)
-    state: TrainState = step.state
-    user_items = None
-    if m.interaction_scoring:
-        user_items = [torch.sparse_csr_tensor(g.indptr, g.indices, torch.ones(g.nnz), size=(g.n_users, g.n_items))
-                      for g in part.graph.graphs]
+    run = build_model(cfg, ds, part, comm, device, user_fn_all, item_fn)
+    model, step, adjs = run.model, run.step, run.adjs
+    state = step.state
     evaluator = Evaluator(ds, part, list(tc.ks), tc.eval_batch_size)
 
     # 5. run outputs (main rank only)
@@ -220,19 +263,15 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         views = None
         if cfg.loss.use_intra:
             views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, tc.seed, epoch, comm,
-                                 m.norm, dtype, device)
-        perm = torch.randperm(U, generator=make_generator(tc.seed, epoch, -1, "batches")).numpy()
+                                 cfg.model.norm, run.dtype, device)
+        perm = epoch_permutation(U, tc.seed, epoch)
         results = []
         bar = range(n_batches)
         if progress:
             from tqdm import tqdm
             bar = tqdm(bar, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
         for b in bar:
-            gb = perm[b * B:(b + 1) * B]
-            local = part.global_to_local[gb]
-            rows = torch.from_numpy(np.sort(local[local >= 0]))
-            batch = build_batch(csr, rows, ds.n_items, user_ids=torch.from_numpy(part.users), user_fn=user_fn,
-                                item_fn=item_fn_t, interaction=m.interaction_scoring)
+            batch = run.batch(perm[b * B:(b + 1) * B])
             try:
                 res = step(batch, adjs, views)
             except NonFiniteLossError as e:
@@ -253,7 +292,7 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         last = epoch == tc.epochs - 1
         if (epoch + 1) % tc.eval_every == 0 or last:
             t1 = time.time()
-            res = evaluator(model, adjs, comm, user_items=user_items, progress=progress)
+            res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
             ev = {"epoch": epoch, "seconds": round(time.time() - t1, 3)}
             for ph in ("valid", "test"):
                 for k, v in res[ph].items():
