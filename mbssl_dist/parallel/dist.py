@@ -22,35 +22,40 @@ class _AllReduceSum(torch.autograd.Function):
     global loss (sum over ranks) w.r.t. x_r is sum_r dL_r/dy: an all-reduce of the grads."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, comm: "DistComm") -> torch.Tensor:
+        ctx.comm = comm
         y = x.clone()
+        comm._count(y)
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
         return y
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, g: torch.Tensor):
         g = g.clone()
+        ctx.comm._count(g)
         dist.all_reduce(g, op=dist.ReduceOp.SUM)
-        return g
+        return g, None
 
 
 class _AllGatherCat(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
-        ctx.sizes, ctx.rank = sizes, rank
+    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int, comm: "DistComm") -> torch.Tensor:
+        ctx.sizes, ctx.rank, ctx.comm = sizes, rank, comm
         maxn = max(sizes)
         pad = x.new_zeros((maxn,) + tuple(x.shape[1:]))
         pad[: x.shape[0]] = x
         bufs = [torch.empty_like(pad) for _ in sizes]
+        comm._count(pad)
         dist.all_gather(bufs, pad.contiguous())
         return torch.cat([b[:n] for b, n in zip(bufs, sizes)], 0)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         g = g.contiguous().clone()
+        ctx.comm._count(g)
         dist.all_reduce(g, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
-        return g[start: start + ctx.sizes[ctx.rank]], None, None
+        return g[start: start + ctx.sizes[ctx.rank]], None, None, None
 
 
 class DistComm(Comm):
@@ -64,16 +69,15 @@ class DistComm(Comm):
         self.bytes_sent += t.numel() * t.element_size()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        self._count(t)
-        return _AllReduceSum.apply(t)
+        return _AllReduceSum.apply(t, self)
 
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
         sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
         dist.all_gather(sizes, n)
         sizes = [int(s.item()) for s in sizes]
-        self._count(t)
-        return _AllGatherCat.apply(t, sizes, self.rank)
+        self._count(n)
+        return _AllGatherCat.apply(t, sizes, self.rank, self)
 
     def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
         self._count(t)

@@ -1,0 +1,126 @@
+"""Per-step time and communication vs number of ranks (CPU, gloo).
+
+    .venv/bin/python tools/bench_dist.py --data cache/<prepared dir> [--ranks 1,2,3,4] [--steps 4]
+
+For each P it launches ``torch.distributed.run`` with P processes of one thread each and
+measures, on rank 0, after one warm-up step:
+  * seconds per training step (forward, all task backwards, HMG, Adam);
+  * seconds of the propagation alone (forward + one backward of the main K-behavior pass);
+  * payload bytes handed to collectives per step (``DistComm.bytes_sent``; a ring
+    all-reduce puts about 2(P-1)/P times that on the wire per rank);
+  * the analytic minimum for this algorithm: the item partial sums of every propagation
+    layer, forward (|I|·K·d floats per layer; |I|·d per layer per intra view) and backward
+    (main pass once per task, views once for the intra task), plus one flat gradient bucket of the replicated parameters per
+    task, plus the batch terms (user Gram K·d² forward and backward).
+P above the number of cores is oversubscribed and labelled so. Strong-scaling efficiency of
+the propagation = T_prop(1) / (P · T_prop(P)), against P = 1 with one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def worker(args) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from mbssl_dist.config import load_config
+    from mbssl_dist.data import load_prepared
+    from mbssl_dist.model import make_generator
+    from mbssl_dist.parallel.dist import init_distributed, shutdown
+    from mbssl_dist.parallel.layout import shard_users, target_views
+    from mbssl_dist.train import build_model, epoch_permutation
+
+    comm, device = init_distributed("cpu")
+    cfg = load_config(None, [f"train.batch_size={args.batch_size}", "loss.fn_users=0", "loss.fn_items=0"])
+    ds = load_prepared(args.data)
+    part = shard_users(ds, comm, "edge-balanced")
+    run = build_model(cfg, ds, part, comm, device)
+    perm = epoch_permutation(ds.n_users, cfg.train.seed, 0)
+    views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, cfg.train.seed, 0, comm, cfg.model.norm)
+    B = cfg.train.batch_size
+
+    def sent():
+        return getattr(comm, "bytes_sent", 0)
+
+    run.step(run.batch(perm[:B]), run.adjs, views)  # warm-up
+    comm.barrier()
+    b0, t0 = sent(), time.perf_counter()
+    for s in range(1, args.steps + 1):
+        run.step(run.batch(perm[s * B:(s + 1) * B]), run.adjs, views)
+    comm.barrier()
+    t_step = (time.perf_counter() - t0) / args.steps
+    bytes_step = (sent() - b0) / args.steps
+    # propagation alone: main forward + one backward
+    model = run.model
+    times = []
+    for _ in range(args.steps):
+        comm.barrier()
+        t1 = time.perf_counter()
+        prop = model(run.adjs, comm, make_generator(cfg.train.seed, 0, 0, "dropout"), keep_layers=False)
+        (prop.users.sum() + prop.items.sum() / comm.world_size).backward()
+        comm.barrier()
+        times.append(time.perf_counter() - t1)
+        model.zero_grad(set_to_none=True)
+    K, d, L, I = ds.n_behaviors, cfg.model.dim, cfg.model.n_layers, ds.n_items
+    n_tasks = len(run.step.tasks) + 1  # + reg
+    replicated = sum(p.numel() for p, s in zip(run.step.params, run.step.sharded) if not s)
+    main, views = L * I * K * d, 2 * L * I * d  # floats all-reduced by one forward pass
+    # main pass: forward + one backward per task; views: forward + the intra task's backward
+    analytic = 4 * (main * (1 + n_tasks) + views * 2 + n_tasks * replicated + 2 * K * d * d)
+    if comm.rank == 0:
+        print(json.dumps({"P": comm.world_size, "step_s": t_step, "prop_s": float(np.median(times)),
+                          "bytes_per_step": bytes_step, "analytic_bytes": analytic if comm.world_size > 1 else 0,
+                          "users_per_rank": part.n_local, "n_items": I}), flush=True)
+    shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="prepared dataset directory")
+    ap.add_argument("--ranks", default="1,2,3,4")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    cores = os.cpu_count() or 1
+    rows = []
+    for P in [int(x) for x in args.ranks.split(",")]:
+        env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
+        with tempfile.TemporaryDirectory() as td:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(P),
+                   "--log-dir", td, str(Path(__file__).resolve()), "--worker", "--data", args.data,
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+            r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"P={P} failed")
+        line = [x for x in r.stdout.splitlines() if x.startswith("{")][-1]
+        rows.append(json.loads(line))
+    base = rows[0]["prop_s"] if rows and rows[0]["P"] == 1 else None
+    print(f"dataset {args.data}, batch {args.batch_size}, {args.steps} timed steps, 1 thread per rank, {cores} cores")
+    print(f"{'P':>3} {'note':<16} {'users/rank':>10} {'s/step':>8} {'prop s':>8} {'MB/step':>9} "
+          f"{'analytic MB':>11} {'ratio':>6} {'prop eff':>8}")
+    for r in rows:
+        note = "oversubscribed" if r["P"] > cores else ""
+        eff = base / (r["P"] * r["prop_s"]) if base else float("nan")
+        ratio = r["bytes_per_step"] / r["analytic_bytes"] if r["analytic_bytes"] else float("nan")
+        print(f"{r['P']:>3} {note:<16} {r['users_per_rank']:>10} {r['step_s']:>8.3f} {r['prop_s']:>8.3f} "
+              f"{r['bytes_per_step'] / 1e6:>9.2f} {r['analytic_bytes'] / 1e6:>11.2f} {ratio:>6.2f} {eff:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
