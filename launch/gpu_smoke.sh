@@ -28,9 +28,10 @@ from pathlib import Path
 out = Path(sys.argv[1])
 recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 ep = [r["seconds"] for r in recs if r.get("kind") == "epoch"]
+mem = max(r.get("cuda_peak_mb", 0) for r in recs if r.get("kind") == "epoch")
 final = json.loads((out / "final.json").read_text())
 print(f"RESULT {out.name}: world {final['world_size']}, epochs {len(ep)}, s/epoch median "
-      f"{sorted(ep)[len(ep) // 2]:.2f}, best epoch {final['best_epoch']}, test {final['test']}")
+      f"{sorted(ep)[len(ep) // 2]:.2f}, rank-0 peak GPU memory {mem} MB, best epoch {final['best_epoch']}, test {final['test']}")
 PYEOF
 }
 
@@ -40,4 +41,3 @@ if [ -d ../shared/data/Retailrocket ]; then
   echo "== 3. nccl training, Retailrocket"
   run retailrocket --config configs/retailrocket.toml --set train.epochs=3
 fi
-$PY -c "import torch; print('peak GPU memory (this process):', torch.cuda.max_memory_allocated())" || true

@@ -137,6 +137,13 @@ def mean_stats(results) -> dict:
     return out
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def select_best(evals: list[dict], metric: str) -> dict | None:
     return max(evals, key=lambda r: (r[metric], -r["epoch"])) if evals else None
 
@@ -283,7 +290,10 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
             results.append(res)
             if progress:
                 bar.set_postfix(rec=f"{res.losses['rec']:.4g}")
-        rec = {"kind": "epoch", "epoch": epoch, "seconds": round(time.time() - t0, 3), "steps": len(results)}
+        rec = {"kind": "epoch", "epoch": epoch, "seconds": round(time.time() - t0, 3), "steps": len(results),
+               "peak_rss_mb": peak_rss_mb()}
+        if device.type == "cuda":
+            rec["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         rec.update(mean_stats(results))
         logger.record(rec, step=epoch)
         log.info("epoch %d: %.1fs, %s", epoch, rec["seconds"],

@@ -120,6 +120,11 @@ _OPS: dict[int, tuple] = {}
 
 def spmm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``a @ x`` for a constant sparse ``a`` (CSR or COO); gradient w.r.t. ``x`` only."""
+    return _SpMMFn.apply(x, sparse_op(a))
+
+
+def sparse_op(a: torch.Tensor) -> _SparseOp:
+    """The cached :class:`_SparseOp` of a constant sparse matrix (keyed by tensor identity)."""
     key = id(a)
     hit = _OPS.get(key)
     if hit is None or hit[0]() is not a:
@@ -130,7 +135,7 @@ def spmm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         _OPS[key] = (weakref.ref(a), op)
     else:
         op = hit[1]
-    return _SpMMFn.apply(x, op)
+    return op
 
 
 class MBSSL(nn.Module):

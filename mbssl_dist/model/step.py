@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -240,6 +241,17 @@ class TrainStep:
             hmg = HMG(len(self.tasks), config.hmg_strategy, config.hmg_relax, config.hmg_beta, config.hmg_use_ema)
             state = TrainState(opt, hmg, config.seed)
         self.state = state
+        self.timings: dict[str, float] | None = None  # set to {} to record per-phase seconds
+        self._t_last = 0.0
+
+    def _tick(self, name: str | None) -> None:
+        """Phase timer (profiling only): charge the time since the last tick to ``name``."""
+        if self.timings is None:
+            return
+        now = time.perf_counter()
+        if name is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + now - self._t_last
+        self._t_last = now
 
     def _reduce(self, grads: list) -> list:
         return list(grads) if self.reduce_grads is None else list(self.reduce_grads(list(grads), list(self.sharded)))
@@ -249,7 +261,9 @@ class TrainStep:
         m, cfg, comm = self.model, self.cfg, self.comm
         K = m.n_behaviors
         need_views = cfg.use_intra
+        self._tick(None)
         prop = m(adjs, comm, generator, keep_layers=need_views and cfg.view_mode == "target")
+        self._tick("fwd/main")
         bu = prop.users[batch.users]
         inter_terms = None
         if m.interaction_scoring:
@@ -258,19 +272,23 @@ class TrainStep:
             inter_terms = InteractionTerms(m.item_bias, s_pos, batch.supp_rows, batch.supp_items, s_supp)
         rec, reg, _ = self.rec_loss(bu, prop.items, prop.relations, batch.pos, comm, inter_terms)
         losses = {"rec": rec}
+        self._tick("loss/rec")
         cand_ids = m.user_ids
         if cfg.use_intra:
             if view_adjs is None or len(view_adjs) != 2:
                 raise ValueError("intra SSL needs two view adjacencies of the target behavior")
             v1, v2 = m.forward_views(prop, view_adjs, adjs, comm, generator, cfg.view_mode)
+            self._tick("fwd/views")
             n_u = m.n_users
             losses["intra"] = self.intra_loss(v1[:n_u], v2[:n_u], batch.user_anchors, v1[n_u:], v2[n_u:],
                                               batch.item_anchors, comm, cand_ids, cfg.intra_weight)
+            self._tick("loss/intra")
         if cfg.use_inter:
             for k in range(K - 1):
                 losses[f"inter_{k}"] = self.inter_loss(prop.users[:, K - 1], prop.users[:, k], batch.user_anchors,
                                                        prop.items[:, K - 1], prop.items[:, k], batch.item_anchors,
                                                        comm, cand_ids, self.inter_weights[k])
+                self._tick(f"loss/inter_{k}")
         losses["reg"] = reg
         return losses
 
@@ -291,8 +309,11 @@ class TrainStep:
         grads: dict[str, list] = {}
         for idx, n in enumerate(order):
             g = torch.autograd.grad(losses[n], self.params, retain_graph=idx < len(order) - 1, allow_unused=True)
+            self._tick(f"bwd/{n}")
             grads[n] = self._reduce(list(g))
+            self._tick("reduce")
         combined, stats = st.hmg.combine([grads[n] for n in self.tasks], self.sharded, self.comm)
+        self._tick("hmg")
         opt = st.optimizer
         for p, c, r in zip(self.params, combined, grads["reg"]):
             if c is None and r is None:
@@ -303,6 +324,7 @@ class TrainStep:
                 p.grad = c if r is None else c.add_(r)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        self._tick("adam")
         st.step += 1
         stats = {k: v for k, v in stats.items() if k not in ("alpha", "gamma")}
         stats["aux_tasks"] = self.tasks[1:]
