@@ -1,0 +1,276 @@
+"""Full-ranking evaluation: Recall@K and NDCG@K over all items (DESIGN.md §5).
+
+Protocol
+--------
+For every evaluated user, *all* items are scored by ``score_fn``; the items in the user's
+``mask`` row are removed from the candidates (the user's training target-behavior items;
+auxiliary-behavior items stay candidates), and the user's held-out items are ranked
+against the remaining candidates.
+
+* **Tie rule (deterministic).** Candidates are ordered by descending score, ties broken by
+  ascending item id (a stable sort of ``-score``). The 0-based rank of a held-out item ``t``
+  with score ``s_t`` is therefore::
+
+      rank(t) = #{candidates j : s_j > s_t} + #{candidates j : s_j == s_t and j < t}
+
+  Other held-out items of the same user are candidates too, so ``rank(t) < K`` exactly
+  when ``t`` is in the user's top-K list.
+* **Recall@K** = (#held-out items with rank < K) / #held-out items. With one held-out item
+  per user (leave-one-out, our case) this equals HR@K.
+* **NDCG@K** = DCG / IDCG with DCG = sum over held-out items with rank < K of
+  ``1 / log2(rank + 2)`` and IDCG = sum_{j < min(#held-out, K)} ``1 / log2(j + 2)``.
+* Held-out items always stay candidates, even if they also appear in ``mask`` (such an
+  overlap would be a data bug; it is logged once per call).
+* Users without held-out items are skipped and not counted in ``n_users``.
+* ``score_fn`` must not return NaN (``ValueError``). ``-inf`` scores are allowed; masked
+  items are excluded by an explicit candidate mask, not by score value.
+
+Masks per phase (``eval_split``)
+--------------------------------
+* ``valid``: held-out = the validation item carved from the training purchases; mask = the
+  training target-behavior items. The test item is *not* masked: at validation time it is
+  unknown, so it is an ordinary candidate (masking it would leak the test set).
+* ``test``: held-out = the test item; mask = the training target-behavior items **plus the
+  validation items**. The validation item is a real purchase of the user that we only moved
+  out of training; in the reference protocol (no validation carve-out) it would be a
+  training purchase and masked, so masking it mirrors the reference.
+
+Distributed use: each rank evaluates its own ``users``; the per-rank sums and user count
+are stacked into one float64 tensor and summed with ONE ``comm.all_reduce_sum_`` call, then
+divided. ``evaluate_sums`` exposes the raw (un-reduced) sums.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .parallel.comm import Comm, LocalComm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KS = (10, 50)
+PHASES = ("valid", "test")
+
+HeldOut = Union[sp.spmatrix, "tuple[np.ndarray, np.ndarray]"]
+
+
+def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """Names of the entries of ``evaluate_sums``'s tensor, in order (last: ``n_users``)."""
+    names = []
+    for k in ks:
+        names += [f"recall@{k}", f"ndcg@{k}"]
+    return names + ["n_users"]
+
+
+def pairs_to_csr(users, items, shape: tuple[int, int]) -> sp.csr_matrix:
+    """Binary CSR (duplicates merged, sorted indices) from (user, item) pairs."""
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    m = sp.csr_matrix((np.ones(len(users), dtype=np.float32), (users, items)), shape=shape)
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    m.sort_indices()
+    return m
+
+
+def _as_csr(x, shape_hint: tuple[int, int] | None) -> sp.csr_matrix:
+    if sp.issparse(x):
+        m = sp.csr_matrix(x)
+        m.sort_indices()
+        return m
+    users, items = x
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    if shape_hint is None:
+        shape_hint = (int(users.max(initial=-1)) + 1, int(items.max(initial=-1)) + 1)
+    return pairs_to_csr(users, items, shape_hint)
+
+
+def _idcg_table(kmax: int) -> torch.Tensor:
+    """idcg[n] = sum_{j<n} 1/log2(j+2), n = 0..kmax (float64)."""
+    disc = 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float64))
+    return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(disc, 0)])
+
+
+def _rows(m: sp.csr_matrix, ub: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(local row index in ub, column) of the entries of rows ``ub`` of ``m``."""
+    sub = m[ub]
+    counts = np.diff(sub.indptr)
+    return np.repeat(np.arange(len(ub), dtype=np.int64), counts), sub.indices.astype(np.int64)
+
+
+def evaluate_sums(score_fn: Callable[[torch.Tensor], torch.Tensor], users, heldout: HeldOut,
+                  mask: sp.spmatrix | None = None, ks: Sequence[int] = DEFAULT_KS,
+                  batch_size: int = 1024, progress: bool = False,
+                  extra_mask: sp.spmatrix | None = None) -> torch.Tensor:
+    """Un-reduced per-rank sums: float64 tensor ordered as ``metric_names(ks)``.
+
+    Entry ``2j`` is the sum over users of Recall@ks[j], ``2j+1`` the sum of NDCG@ks[j], and
+    the last entry the number of evaluated users (users with >= 1 held-out item).
+    ``extra_mask`` (same shape as ``mask``) is excluded too (union with ``mask``).
+    """
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    users = torch.as_tensor(users).cpu().numpy().astype(np.int64).reshape(-1)
+    mask_csr = None if mask is None else _as_csr(mask, None)
+    if extra_mask is not None:
+        extra = _as_csr(extra_mask, None)
+        mask_csr = extra if mask_csr is None else _as_csr(mask_csr + extra, None)
+    hint = None
+    if mask_csr is not None and not sp.issparse(heldout):
+        hint = (max(mask_csr.shape[0], int(np.max(heldout[0], initial=-1)) + 1), mask_csr.shape[1])
+    held = _as_csr(heldout, hint)
+
+    out = torch.zeros(2 * len(ks) + 1, dtype=torch.float64)
+    # Users with at least one held-out item (users beyond the held-out matrix have none).
+    inside = users < held.shape[0]
+    users = users[inside]
+    users = users[np.diff(held.indptr)[users] > 0]
+    if len(users) == 0:
+        return out
+    if mask_csr is not None and users.max() >= mask_csr.shape[0]:
+        raise ValueError(f"user id {int(users.max())} outside the mask ({mask_csr.shape[0]} rows)")
+
+    kmax = max(ks)
+    idcg = _idcg_table(kmax)
+    n_overlap = 0
+    from tqdm import tqdm
+
+    starts = range(0, len(users), batch_size)
+    for start in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+        ub = users[start:start + batch_size]
+        with torch.no_grad():
+            scores = score_fn(torch.from_numpy(ub)).detach()
+        if scores.dim() != 2 or scores.shape[0] != len(ub):
+            raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected ({len(ub)}, n_items)")
+        n_items = scores.shape[1]
+        if held.shape[1] > n_items or (mask_csr is not None and mask_csr.shape[1] != n_items):
+            raise ValueError(f"score_fn gives {n_items} items; held-out has {held.shape[1]} columns, "
+                             f"mask {None if mask_csr is None else mask_csr.shape[1]}")
+        if torch.isnan(scores).any():
+            raise ValueError("score_fn returned NaN scores")
+        dev = scores.device
+        B = len(ub)
+        hr, hc = _rows(held, ub)
+        hr_t = torch.from_numpy(hr).to(dev)
+        hc_t = torch.from_numpy(hc).to(dev)
+        cand = torch.ones(B, n_items, dtype=torch.bool, device=dev)
+        if mask_csr is not None:
+            mr, mc = _rows(mask_csr, ub)
+            cand[torch.from_numpy(mr).to(dev), torch.from_numpy(mc).to(dev)] = False
+            n_overlap += int((~cand[hr_t, hc_t]).sum())
+        cand[hr_t, hc_t] = True
+        item_ids = torch.arange(n_items, device=dev)
+
+        ranks = torch.empty(len(hr), dtype=torch.long, device=dev)
+        for e0 in range(0, len(hr), batch_size):  # chunk entries: at most batch_size rows at once
+            r = hr_t[e0:e0 + batch_size]
+            c = hc_t[e0:e0 + batch_size]
+            s = scores[r]
+            st = s.gather(1, c[:, None])
+            better = (s > st) | ((s == st) & (item_ids[None, :] < c[:, None]))
+            better &= cand[r]
+            ranks[e0:e0 + batch_size] = better.sum(1)
+
+        ranks = ranks.cpu()
+        hr_c = torch.from_numpy(hr)
+        n_held = torch.bincount(hr_c, minlength=B).to(torch.float64)
+        disc = 1.0 / torch.log2(ranks.to(torch.float64) + 2.0)
+        for j, k in enumerate(ks):
+            hit = (ranks < k).to(torch.float64)
+            hits_u = torch.zeros(B, dtype=torch.float64).index_add_(0, hr_c, hit)
+            dcg_u = torch.zeros(B, dtype=torch.float64).index_add_(0, hr_c, hit * disc)
+            ideal = idcg[torch.clamp(n_held, max=k).long()]
+            out[2 * j] += (hits_u / n_held).sum()
+            out[2 * j + 1] += (dcg_u / ideal).sum()
+        out[-1] += B
+    if n_overlap:
+        log.warning("%d held-out (user, item) pairs were also in the mask; they were kept as candidates",
+                    n_overlap)
+    return out
+
+
+def sums_to_metrics(sums: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Divide the (reduced) sums by the user count; ``n_users`` is reported as a number."""
+    sums = sums.detach().cpu().to(torch.float64)
+    n = float(sums[-1])
+    res = {}
+    for j, name in enumerate(metric_names(ks)[:-1]):
+        res[name] = float(sums[j]) / n if n > 0 else float("nan")
+    res["n_users"] = int(round(n))
+    return res
+
+
+def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], users, heldout: HeldOut,
+             mask: sp.spmatrix | None = None, ks: Sequence[int] = DEFAULT_KS, batch_size: int = 1024,
+             comm: Comm | None = None, progress: bool = False,
+             reduce_device: torch.device | str | None = None,
+             extra_mask: sp.spmatrix | None = None) -> dict[str, float]:
+    """Recall@K / NDCG@K (mean over all ranks' users) plus ``n_users``.
+
+    ``score_fn(users: LongTensor[B]) -> [B, n_items]`` scores (called under ``no_grad``).
+    ``users``: the users evaluated on this rank. ``heldout``: user x item CSR, or a
+    ``(users, items)`` pair of arrays. ``mask``: user x item CSR of excluded items (or None);
+    ``extra_mask``: more excluded items (union with ``mask``).
+    The sums travel through ONE ``comm.all_reduce_sum_`` on a stacked float64 tensor placed
+    on ``reduce_device`` (default: ``comm.device`` if the comm has one, else CPU; nccl
+    needs a CUDA device).
+    """
+    comm = comm if comm is not None else LocalComm()
+    sums = evaluate_sums(score_fn, users, heldout, mask, ks=ks, batch_size=batch_size, progress=progress,
+                         extra_mask=extra_mask)
+    dev = reduce_device if reduce_device is not None else getattr(comm, "device", None)
+    if dev is not None:
+        sums = sums.to(dev)
+    comm.all_reduce_sum_(sums)
+    return sums_to_metrics(sums, ks)
+
+
+# --------------------------------------------------------------------------- dataset helpers
+
+def eval_masks(ds) -> dict[str, sp.csr_matrix]:
+    """Per-phase user x item CSR of excluded items (see the module doc).
+
+    ``valid``: training target-behavior items. ``test``: those plus the validation items.
+    """
+    shape = (ds.n_users, ds.n_items)
+    tu, ti = ds.pairs(ds.n_behaviors - 1)
+    train = pairs_to_csr(tu, ti, shape)
+    test = pairs_to_csr(np.concatenate([tu, ds.valid_user]).astype(np.int64),
+                        np.concatenate([ti, ds.valid_item]).astype(np.int64), shape)
+    return {"valid": train, "test": test}
+
+
+def heldout_sets(ds) -> dict[str, sp.csr_matrix]:
+    """Per-phase user x item CSR of held-out items (validation / test)."""
+    shape = (ds.n_users, ds.n_items)
+    return {"valid": pairs_to_csr(ds.valid_user, ds.valid_item, shape),
+            "test": pairs_to_csr(ds.test_user, ds.test_item, shape)}
+
+
+def eval_split(ds, phase: str, masks: dict | None = None, held: dict | None = None
+               ) -> tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix]:
+    """``(users, heldout_csr, mask_csr)`` for ``phase`` in ``("valid", "test")``.
+
+    ``users`` are all users with a held-out item in that phase (sorted); a distributed
+    caller keeps only its own. Pass precomputed ``masks``/``held`` to avoid rebuilding.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    masks = masks if masks is not None else eval_masks(ds)
+    held = held if held is not None else heldout_sets(ds)
+    h = held[phase]
+    users = np.flatnonzero(np.diff(h.indptr) > 0).astype(np.int64)
+    return users, h, masks[phase]
+
+
+def format_metrics(m: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())

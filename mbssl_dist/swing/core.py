@@ -1,0 +1,525 @@
+"""Swing similarity (DESIGN Eq 6), exact, with numpy/scipy only.
+
+Definitions (one behavior).  ``X`` is a binary CSR matrix of shape ``(n_src, n_mid)``:
+``X[s, m] = 1`` when source node ``s`` interacted with intermediary ``m``.  For item-item
+swing the sources are items and the intermediaries users (``X = R.T``); for user-user swing
+it is the mirror image (``X = R``).  With ``U_s`` the intermediaries of ``s`` and
+``I_m`` the sources of ``m``::
+
+    sim(i, j) = sum over unordered pairs {u, v} of distinct intermediaries in U_i & U_j
+                of 1 / (alpha + |I_u & I_v|)
+
+and ``sim(i, i)`` is not stored.
+
+Algorithm.  Only intermediary pairs ``p = {u, v}`` with ``c_p = |I_u & I_v| >= 2`` can
+contribute to an off-diagonal entry.  Let ``M`` be the ``pairs x sources`` 0/1 matrix whose
+row ``p`` is ``I_u & I_v`` and ``w_p = 1 / (alpha + c_p)``; then ``sim = M^T diag(w) M``
+(minus its diagonal).  So the work splits in two phases:
+
+1. *Pair enumeration* (``enumerate_pairs``), sharded by ranges of the first intermediary
+   ``u``: every triple ``(u, v, i)`` with ``u < v`` both in ``U_i`` is generated with
+   ragged numpy gathers (``sum_i C(|U_i|, 2)`` triples in all) and grouped by pair through
+   one CSR->CSC counting sort; groups of size >= 2 are the rows of ``M``.
+2. *Similarity rows* (``similarity_topk``), sharded by source nodes: for a block of sources
+   ``B``, ``sim(B, :) = M[:, B]^T diag(w) M`` is one scipy sparse product whose cost is
+   ``sum_{p : B & I_p} c_p`` (``sum_p c_p^2`` over all sources).  Behaviors are combined
+   with their weights on the full rows, *then* each row is cut to its top-N.
+
+All accumulation is float64 and in an order that does not depend on how sources or chunks
+are assigned to workers, so any number of workers gives bit-identical scores.
+No dense ``n x n`` array is ever built (except by ``swing_bruteforce``, for tests).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPHA = 0.5
+DEFAULT_TOPN = 500
+#: target number of (u, v, i) triples per pair-enumeration chunk (bounds chunk memory)
+CHUNK_TRIPLES = 4_000_000
+#: target number of multiply-adds per similarity block (bounds block memory)
+BLOCK_FLOPS = 20_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# input normalisation and index structures
+# --------------------------------------------------------------------------------------------
+
+def binary_csr(X: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+    """Return ``X`` as a canonical binary CSR matrix (sorted indices, no duplicates/zeros)."""
+    X = sp.csr_matrix(X, copy=True)
+    X.sum_duplicates()
+    X.eliminate_zeros()
+    X.sort_indices()
+    X.data = np.ones(X.nnz, dtype=np.float64)
+    return X
+
+
+@dataclass
+class SideIndex:
+    """Both orientations of one binary ``n_src x n_mid`` matrix, plus the entry map.
+
+    ``src_indptr/src_indices``: CSR of ``X`` (row ``s`` = sorted intermediaries ``U_s``).
+    ``mid_indptr/mid_indices``: CSR of ``X.T`` (row ``m`` = sorted sources ``I_m``).
+    ``pos[k]``: index in ``src_indices`` of the ``k``-th entry of ``mid_indices``.
+    ``mid_of_k[k]``: the intermediary (row) of the ``k``-th entry of ``mid_indices``.
+    """
+
+    n_src: int
+    n_mid: int
+    src_indptr: np.ndarray
+    src_indices: np.ndarray
+    mid_indptr: np.ndarray
+    mid_indices: np.ndarray
+    pos: np.ndarray
+    mid_of_k: np.ndarray
+
+    @classmethod
+    def build(cls, X: sp.spmatrix) -> "SideIndex":
+        X = binary_csr(X)
+        n_src, n_mid = X.shape
+        src_indptr = X.indptr.astype(np.int64)
+        src_indices = X.indices.astype(np.int32)
+        src_of_b = np.repeat(np.arange(n_src, dtype=np.int32), np.diff(src_indptr))
+        # counting sort of the entries by intermediary (stable: sources stay ascending)
+        order = np.argsort(src_indices, kind="stable")
+        mid_indices = src_of_b[order]
+        mid_indptr = np.zeros(n_mid + 1, dtype=np.int64)
+        np.cumsum(np.bincount(src_indices, minlength=n_mid), out=mid_indptr[1:])
+        mid_of_k = src_indices[order]
+        return cls(n_src, n_mid, src_indptr, src_indices, mid_indptr, mid_indices,
+                   order.astype(np.int64), mid_of_k)
+
+    @property
+    def nnz(self) -> int:
+        return int(len(self.src_indices))
+
+    def triples_per_entry(self) -> np.ndarray:
+        """For entry ``k = (u, i)``: the number of ``v > u`` in ``U_i``."""
+        i = self.mid_indices
+        return (self.src_indptr[i.astype(np.int64) + 1] - self.pos - 1).astype(np.int64)
+
+    def n_triples(self) -> int:
+        return int(self.triples_per_entry().sum())
+
+
+# --------------------------------------------------------------------------------------------
+# phase 1: pair enumeration
+# --------------------------------------------------------------------------------------------
+
+def plan_chunks(index: SideIndex, target: int = CHUNK_TRIPLES) -> list[tuple[int, int, int]]:
+    """Cut the intermediaries into contiguous ranges of about ``target`` triples each.
+
+    Returns ``[(mid_lo, mid_hi, n_triples), ...]``.  Depends only on the data, never on the
+    number of workers, so the pair order (hence the float summation order) is fixed.
+    """
+    if index.n_mid == 0:
+        return []
+    per_mid = np.bincount(index.mid_of_k, weights=index.triples_per_entry(),
+                          minlength=index.n_mid).astype(np.int64)
+    cum = np.cumsum(per_mid)
+    total = int(cum[-1])
+    if total == 0:
+        return []
+    chunks: list[tuple[int, int, int]] = []
+    lo = 0
+    while lo < index.n_mid:
+        base = int(cum[lo - 1]) if lo > 0 else 0
+        hi = int(np.searchsorted(cum, base + target, side="right"))
+        hi = max(hi, lo + 1)
+        hi = min(hi, index.n_mid)
+        n = int(cum[hi - 1]) - base
+        if n > 0:
+            chunks.append((lo, hi, n))
+        lo = hi
+    return chunks
+
+
+def enumerate_pairs(index: SideIndex, mid_lo: int, mid_hi: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of ``M`` for the pairs ``(u, v)``, ``u < v``, with ``mid_lo <= u < mid_hi``.
+
+    Returns ``(lens, srcs, run)``: ``lens[p] = c_p >= 2``, ``srcs`` the concatenated sorted
+    source lists ``I_u & I_v`` and ``run`` the (chunk-local) pair index of each entry.  Pairs
+    sharing a single source are dropped (they only touch the diagonal).
+    """
+    k0, k1 = int(index.mid_indptr[mid_lo]), int(index.mid_indptr[mid_hi])
+    empty = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32))
+    if k1 <= k0:
+        return empty
+    i_loc = index.mid_indices[k0:k1]
+    p = index.pos[k0:k1]
+    L = index.src_indptr[i_loc.astype(np.int64) + 1] - p - 1
+    g_indptr = np.zeros(k1 - k0 + 1, dtype=np.int64)
+    np.cumsum(L, out=g_indptr[1:])
+    T = int(g_indptr[-1])
+    if T == 0:
+        return empty
+    # ragged gather: row k of G lists the v > u of U_i (already ascending)
+    idx = np.repeat(p + 1 - g_indptr[:-1], L)
+    idx += np.arange(T, dtype=np.int64)
+    v = index.src_indices[idx]
+    del idx
+    itype = np.int32 if T < 2**31 - 1 else np.int64
+    G = sp.csr_matrix((np.ones(T, dtype=np.bool_), v.astype(itype, copy=False), g_indptr.astype(itype)),
+                      shape=(k1 - k0, index.n_mid))
+    del v
+    Gc = G.tocsc()  # counting sort by v, stable in k (so grouped by u, then i ascending)
+    del G
+    kk = Gc.indices
+    uu = index.mid_of_k[k0:k1][kk]
+    # a new group starts where u changes or a new column v begins
+    flag = np.empty(T + 1, dtype=np.bool_)
+    flag[0] = True
+    flag[T] = True
+    np.not_equal(uu[1:], uu[:-1], out=flag[1:T])
+    col_starts = Gc.indptr[:-1]
+    flag[col_starts[col_starts < T]] = True
+    # entries of groups of size >= 2: not a start, or followed by a non-start
+    inrun = ~flag[1:]
+    inrun[1:] |= ~flag[1:T]
+    sel = np.flatnonzero(inrun)
+    del inrun
+    if len(sel) == 0:
+        return empty
+    starts = np.flatnonzero(flag[sel])
+    lens = np.diff(np.append(starts, len(sel)))
+    # reorder the kept pairs from (v, u) to (u, v) order (stable sort of the few kept pairs by u):
+    # this locality makes the similarity product markedly faster
+    n_runs = len(starts)
+    order = sp.csr_matrix((np.ones(n_runs, dtype=np.bool_), (uu[sel[starts]] - mid_lo).astype(np.int32),
+                           np.arange(n_runs + 1, dtype=np.int32 if n_runs < 2**31 - 1 else np.int64)),
+                          shape=(n_runs, mid_hi - mid_lo)).tocsc().indices  # stable counting sort by u
+    out_lens = lens[order]
+    run_off = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(out_lens, out=run_off[1:])
+    run = run_ids(out_lens, run_off)
+    gidx = (starts[order] - run_off[:-1])[run]
+    gidx += np.arange(len(gidx), dtype=np.int64)
+    srcs = i_loc[kk[sel[gidx]]].astype(np.int32)
+    return out_lens.astype(np.int32), srcs, run
+
+
+def run_ids(lens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """For runs of positive lengths ``lens`` (offsets = cumsum), the run index of each position."""
+    total = int(offsets[-1])
+    mark = np.zeros(total, dtype=np.int32)
+    mark[offsets[1:-1]] = 1
+    return np.cumsum(mark, dtype=np.int32)
+
+
+def _itype(n: int) -> type:
+    return np.int32 if n < 2**31 - 1 else np.int64
+
+
+@dataclass
+class PairMatrix:
+    """``M`` (pairs x sources, CSR without data), its pair sizes ``c_p`` and entry->pair map."""
+
+    n_src: int
+    indptr: np.ndarray   # int32 (int64 when nnz >= 2**31), len P+1
+    indices: np.ndarray  # int32 source ids, ascending within a pair
+    lens: np.ndarray     # int32 c_p
+    run: np.ndarray      # pair index of each entry
+
+    @classmethod
+    def from_chunks(cls, n_src: int, chunks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                    ) -> "PairMatrix":
+        if not chunks:
+            z = np.zeros(0, np.int32)
+            return cls(n_src, np.zeros(1, np.int64), z, z, z)
+        lens = np.concatenate([np.asarray(c[0], dtype=np.int32) for c in chunks])
+        indices = np.concatenate([np.asarray(c[1], dtype=np.int32) for c in chunks])
+        it = np.int32 if len(lens) < 2**31 - 1 else np.int64
+        run = np.empty(len(indices), dtype=it)
+        pbase = ebase = 0
+        for c in chunks:
+            n = len(c[1])
+            np.add(np.asarray(c[2]), pbase, out=run[ebase:ebase + n], casting="unsafe")
+            pbase += len(c[0])
+            ebase += n
+        indptr = np.zeros(len(lens) + 1, dtype=_itype(len(indices)))
+        np.cumsum(lens, out=indptr[1:])
+        return cls(n_src, indptr, indices, lens, run)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(len(self.lens))
+
+    def weights(self, alpha: float) -> np.ndarray:
+        return 1.0 / (alpha + self.lens.astype(np.float64))
+
+    def source_costs(self) -> np.ndarray:
+        """Multiply-adds of the similarity row of each source: ``sum_{p : s in I_p} c_p``."""
+        return np.bincount(self.indices, weights=self.lens[self.run].astype(np.float64), minlength=self.n_src)
+
+
+def build_pair_matrix(index: SideIndex, chunk_triples: int = CHUNK_TRIPLES) -> PairMatrix:
+    """Serial phase 1 over all chunks."""
+    chunks = [enumerate_pairs(index, lo, hi) for lo, hi, _ in plan_chunks(index, chunk_triples)]
+    return PairMatrix.from_chunks(index.n_src, chunks)
+
+
+# --------------------------------------------------------------------------------------------
+# phase 2: similarity rows, behavior combination, top-N
+# --------------------------------------------------------------------------------------------
+
+_ROW_BITS = 12                 # rows per top-N sort group (4096)
+_SCORE_SHIFT = 12              # drop 12 of 52 mantissa bits: ties up to ~1e-12 relative
+_SCORE_MAX = (1 << 51) - 1
+
+
+def topk_csr(S: sp.csr_matrix, row_ids: np.ndarray, topn: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``topn`` entries of each row of ``S`` (global row id ``row_ids[r]``), self excluded.
+
+    Order: score descending; scores equal up to ~1e-12 relative (rounding noise) are ties,
+    broken by the smaller column id.  Returns ``(src, dst, score, rank)`` sorted by
+    (src, rank).  Scores must be >= 0; zeros are dropped.
+    """
+    S = S.tocsr()
+    if not S.has_sorted_indices:
+        S.sort_indices()
+    n = S.shape[0]
+    counts = np.diff(S.indptr)
+    rows = np.repeat(np.arange(n, dtype=np.int64), counts)
+    cols = S.indices.astype(np.int64)
+    vals = S.data.astype(np.float64, copy=False)
+    keep = (vals > 0) & (cols != row_ids[rows])
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    out = ([], [], [], [])
+    bounds = np.searchsorted(rows, np.arange(0, n + (1 << _ROW_BITS), 1 << _ROW_BITS))
+    for g in range(len(bounds) - 1):
+        a, b = int(bounds[g]), int(bounds[g + 1])
+        if b <= a:
+            continue
+        r = rows[a:b]
+        v = vals[a:b]
+        key = (r - (g << _ROW_BITS)) << 51
+        key |= _SCORE_MAX - (v.view(np.int64) >> _SCORE_SHIFT)
+        order = np.argsort(key, kind="stable")   # stable: equal keys keep column order
+        r, c, v = r[order], cols[a:b][order], v[order]
+        new = np.empty(len(r), dtype=np.bool_)
+        new[0] = True
+        np.not_equal(r[1:], r[:-1], out=new[1:])
+        starts = np.flatnonzero(new)
+        rank = np.arange(len(r), dtype=np.int64) - np.repeat(starts, np.diff(np.append(starts, len(r))))
+        m = rank < topn
+        out[0].append(row_ids[r[m]])
+        out[1].append(c[m])
+        out[2].append(v[m])
+        out[3].append(rank[m])
+    if not out[0]:
+        z = np.zeros(0, np.int64)
+        return z, z, np.zeros(0, np.float64), z
+    return tuple(np.concatenate(x) for x in out)  # type: ignore[return-value]
+
+
+class _SourceOperator:
+    """``M[:, S]^T diag(w) M`` for one behavior, restricted to a sorted set of sources ``S``."""
+
+    def __init__(self, pm: PairMatrix, alpha: float, sources: np.ndarray):
+        P, n = pm.n_pairs, pm.n_src
+        nnz = len(pm.indices)
+        it = _itype(max(nnz, P, n))
+        self.right = sp.csr_matrix((np.ones(nnz), pm.indices.astype(it, copy=False),
+                                    pm.indptr.astype(it, copy=False)),
+                                   shape=(P, n))
+        # rows of M^T for the sources: a stable counting sort of their entries by source, so the
+        # pairs stay ascending inside each row (fixed summation order)
+        if len(sources) == n:
+            ent = None
+            lrow = pm.indices
+            pairs = pm.run
+        else:
+            local = np.full(n, -1, dtype=np.int32)
+            local[sources] = np.arange(len(sources), dtype=np.int32)
+            lrow = local[pm.indices]
+            ent = np.flatnonzero(lrow >= 0)
+            lrow = lrow[ent]
+            pairs = pm.run[ent]
+        w = pm.weights(alpha)
+        coo = sp.coo_matrix((w[pairs], (lrow.astype(it, copy=False), pairs.astype(it, copy=False))),
+                            shape=(len(sources), P))
+        self.left = coo.tocsr()
+        del coo
+        self.costs = np.bincount(lrow, weights=pm.lens[pairs].astype(np.float64), minlength=len(sources))
+
+    def rows(self, lo: int, hi: int) -> sp.csr_matrix:
+        return (self.left[lo:hi] @ self.right).tocsr()
+
+
+def plan_blocks(costs: np.ndarray, target: float = BLOCK_FLOPS) -> list[tuple[int, int]]:
+    """Contiguous blocks of positions with about ``target`` total cost each."""
+    n = len(costs)
+    if n == 0:
+        return []
+    cum = np.cumsum(costs)
+    blocks = []
+    lo = 0
+    while lo < n:
+        base = cum[lo - 1] if lo > 0 else 0.0
+        hi = int(np.searchsorted(cum, base + target, side="right"))
+        hi = min(max(hi, lo + 1), n)
+        blocks.append((lo, hi))
+        lo = hi
+    return blocks
+
+
+def similarity_topk(pms: Sequence[PairMatrix], weights: Sequence[float], alpha: float, topn: int,
+                    sources: np.ndarray | None = None, block_flops: float = BLOCK_FLOPS
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``topn`` of ``sum_b weights[b] * sim_b`` for each source in ``sources``.
+
+    ``pms`` are the pair matrices of the behaviors (same ``n_src``).  Returns
+    ``(src, dst, score, rank)`` sorted by (src, rank); sources without any neighbor
+    have no row.
+    """
+    if not pms:
+        raise ValueError("no behavior to combine")
+    n_src = pms[0].n_src
+    if sources is None:
+        sources = np.arange(n_src, dtype=np.int64)
+    sources = np.unique(np.asarray(sources, dtype=np.int64))
+    if len(sources) and (sources[0] < 0 or sources[-1] >= n_src):
+        raise ValueError(f"sources out of range [0, {n_src})")
+    active = [(pm, float(wt)) for pm, wt in zip(pms, weights) if wt != 0.0]
+    ops = [(_SourceOperator(pm, alpha, sources), wt) for pm, wt in active]
+    costs = np.zeros(len(sources))
+    for op, _ in ops:
+        costs += op.costs
+    out_s, out_d, out_v, out_r = [], [], [], []
+    for lo, hi in plan_blocks(costs, block_flops):
+        if costs[lo:hi].sum() == 0:
+            continue
+        S = None
+        for op, wt in ops:
+            part = op.rows(lo, hi)
+            if wt != 1.0:
+                part.data *= wt
+            S = part if S is None else (S + part).tocsr()
+        rr, cc, vv, rk = topk_csr(S, sources[lo:hi], topn)
+        out_s.append(rr)
+        out_d.append(cc)
+        out_v.append(vv)
+        out_r.append(rk)
+    if not out_s:
+        z = np.zeros(0, np.int64)
+        return z, z, np.zeros(0, np.float64), z
+    return (np.concatenate(out_s), np.concatenate(out_d), np.concatenate(out_v), np.concatenate(out_r))
+
+
+# --------------------------------------------------------------------------------------------
+# convenience single-process API
+# --------------------------------------------------------------------------------------------
+
+def _check_params(alpha: float, topn: int) -> None:
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if int(topn) != topn or topn < 1:
+        raise ValueError(f"topn must be an integer >= 1, got {topn!r}")
+
+
+def swing_topk(X: sp.spmatrix, alpha: float = DEFAULT_ALPHA, topn: int = DEFAULT_TOPN,
+               sources: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``topn`` swing neighbors of each source row of ``X`` (``n_src x n_mid``, binary).
+
+    Item-item swing of a user x item matrix ``R``: ``swing_topk(R.T)``; user-user:
+    ``swing_topk(R)``.  Returns ``(src, dst, score)`` sorted by (src, rank).
+    """
+    s, d, v, _ = swing_topk_combined([X], [1.0], alpha, topn, sources)
+    return s, d, v
+
+
+def swing_topk_combined(Xs: Sequence[sp.spmatrix], weights: Sequence[float],
+                        alpha: float = DEFAULT_ALPHA, topn: int = DEFAULT_TOPN,
+                        sources: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top-N of the weighted sum of per-behavior swing (summed *before* truncation).
+
+    ``Xs``: one ``n_src x n_mid`` matrix per behavior (same shape).  Returns
+    ``(src, dst, score, rank)``.
+    """
+    _check_params(alpha, topn)
+    if len(Xs) != len(weights):
+        raise ValueError("one weight per behavior matrix is required")
+    if not any(w != 0 for w in weights):
+        raise ValueError("all behavior weights are zero")
+    pms = [build_pair_matrix(SideIndex.build(X)) if w != 0 else None for X, w in zip(Xs, weights)]
+    pms_w = [(pm, w) for pm, w in zip(pms, weights) if pm is not None]
+    return similarity_topk([p for p, _ in pms_w], [w for _, w in pms_w], alpha, topn, sources)
+
+
+def swing_full(X: sp.spmatrix, alpha: float = DEFAULT_ALPHA) -> sp.csr_matrix:
+    """Full (untruncated) swing matrix of one behavior as CSR ``n_src x n_src``, zero diagonal.
+
+    Memory is ``O(nnz of the result)``; meant for checks against reference matrices.
+    """
+    pm = build_pair_matrix(SideIndex.build(X))
+    n = pm.n_src
+    right = sp.csr_matrix((np.ones(len(pm.indices)), pm.indices, pm.indptr), shape=(pm.n_pairs, n))
+    left = sp.csr_matrix((pm.weights(alpha)[pm.run], pm.indices, pm.indptr), shape=(pm.n_pairs, n)).T.tocsr()
+    S = (left @ right).tocsr()
+    S.setdiag(0.0)
+    S.eliminate_zeros()
+    S.sort_indices()
+    return S
+
+
+# --------------------------------------------------------------------------------------------
+# reference implementation (tests only)
+# --------------------------------------------------------------------------------------------
+
+def swing_bruteforce(X: sp.spmatrix | np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """Dense ``n_src x n_src`` swing by literal loops over Eq 6 (tiny graphs only)."""
+    Xd = np.asarray(X.todense() if sp.issparse(X) else X) != 0
+    n_src, n_mid = Xd.shape
+    U = [set(np.flatnonzero(Xd[s]).tolist()) for s in range(n_src)]
+    I = [set(np.flatnonzero(Xd[:, m]).tolist()) for m in range(n_mid)]
+    S = np.zeros((n_src, n_src), dtype=np.float64)
+    for i in range(n_src):
+        for j in range(n_src):
+            if i == j:
+                continue
+            common = sorted(U[i] & U[j])
+            total = 0.0
+            for u, v in combinations(common, 2):
+                total += 1.0 / (alpha + len(I[u] & I[v]))
+            S[i, j] = total
+    return S
+
+
+def topk_dense(S: np.ndarray, topn: int) -> list[list[tuple[int, float]]]:
+    """Per row, the nonzero entries sorted by (score desc, column asc), cut to ``topn``."""
+    out = []
+    for i in range(S.shape[0]):
+        nz = np.flatnonzero(S[i])
+        order = sorted(nz.tolist(), key=lambda j: (-S[i, j], j))
+        out.append([(j, float(S[i, j])) for j in order[:topn]])
+    return out
+
+
+def lpt_assign(costs: np.ndarray, n_bins: int) -> np.ndarray:
+    """Greedy longest-processing-time assignment of items to ``n_bins`` (deterministic)."""
+    costs = np.asarray(costs, dtype=np.float64)
+    assign = np.zeros(len(costs), dtype=np.int64)
+    if n_bins <= 1 or len(costs) == 0:
+        return assign
+    order = np.lexsort((np.arange(len(costs)), -costs))
+    heap = [(0.0, b) for b in range(n_bins)]
+    for idx in order:
+        load, b = heapq.heappop(heap)
+        assign[idx] = b
+        heapq.heappush(heap, (load + float(costs[idx]), b))
+    return assign
