@@ -39,6 +39,9 @@ class DataConfig:
     """Declared number of items for text data (0 = max id + 1)."""
     valid: Literal["one-per-user", "none"] = "one-per-user"
     """Validation split: one target item per user with >= 2 purchases, or none."""
+    valid_aux: Literal["auto", "keep", "drop"] = "auto"
+    """Auxiliary interactions on validation pairs: ``auto`` drops them exactly when no test
+    pair occurs in an auxiliary behavior (so validation mirrors how the test was built)."""
     split_seed: int = 0
     """Seed of the validation split (and of the synthetic generator)."""
     synthetic_users: int = 600

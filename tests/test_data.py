@@ -273,3 +273,25 @@ def test_real_dataset_statistics(shared_data, tmp_path, name):
     # inferred shape equals the declared one for these files
     ds2 = prepare_text(shared_data / name, tmp_path / "out2", valid="none")
     assert (ds2.n_users, ds2.n_items) == (n_users, n_items)
+
+
+def test_valid_aux_mirrors_test_construction(tmp_path):
+    # test pairs never in view -> auto drops the view interactions on validation pairs
+    d = tmp_path / "in"
+    write(d, "view", "0 1 2 3\n1 2 3\n")
+    write(d, "buy", "0 1 2\n1 2 3\n")
+    write(d, "test", "0 4\n1 0\n")
+    ds = prepare_text(d, tmp_path / "a", seed=0)
+    v = set(zip(ds.valid_user.tolist(), ds.valid_item.tolist()))
+    view = set(zip(*(x.tolist() for x in ds.pairs(0))))
+    assert v and not (v & view)
+    assert ds.manifest["dropped"]["auxiliary_pairs_on_validation_items"] == 2
+    assert ds.manifest["validation"]["aux_interactions_on_valid_pairs"] == "dropped"
+    keep = prepare_text(d, tmp_path / "b", seed=0, valid_aux="keep")
+    assert v <= set(zip(*(x.tolist() for x in keep.pairs(0))))
+    # a test pair that occurs in view -> auto keeps them
+    write(d, "test", "0 3\n1 0\n")
+    (d / "buy.txt").write_text("0 1 2\n1 2 3\n")
+    auto = prepare_text(d, tmp_path / "c", seed=0)
+    assert auto.manifest["validation"]["aux_interactions_on_valid_pairs"] == "kept"
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o755

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed of the validation split (and synthetic data)")
     pr.add_argument("--valid", default="one-per-user", choices=["one-per-user", "none"])
     pr.add_argument("--on-test-in-train", default="error", choices=["error", "drop"])
+    pr.add_argument("--valid-aux", default="auto", choices=["auto", "keep", "drop"],
+                    help="auxiliary interactions on validation pairs: keep, drop, or auto = drop exactly when no "
+                         "test pair occurs in an auxiliary behavior (mirror how the test split was built)")
     pr.add_argument("--overwrite", action="store_true")
     for name, typ, default in [("users", int, 600), ("items", int, 400), ("clusters", int, 8)]:
         pr.add_argument(f"--synthetic-{name}", type=typ, default=default)
@@ -58,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
                 spec.validate()
             except ValueError as e:
                 raise DataError(str(e)) from None
-            P.prepare_synthetic(args.out, spec, valid=args.valid, overwrite=args.overwrite)
+            P.prepare_synthetic(args.out, spec, valid=args.valid, valid_aux=args.valid_aux, overwrite=args.overwrite)
         else:
             if args.input is None:
                 raise DataError(f"--input is required for --format {args.format}", field="input")
             common = dict(behaviors=_names(args.behaviors), target=args.target, seed=args.seed, valid=args.valid,
-                          on_test_in_train=args.on_test_in_train, overwrite=args.overwrite)
+                          on_test_in_train=args.on_test_in_train, valid_aux=args.valid_aux, overwrite=args.overwrite)
             if args.format == "text":
                 P.prepare_text(args.input, args.out, n_users=args.n_users, n_items=args.n_items, **common)
             else:

@@ -26,6 +26,7 @@ def prepared_dir_for(dc) -> Path:
     if dc.format == "prepared":
         return Path(dc.path)
     key = {"format": dc.format, "behaviors": dc.behaviors, "target": dc.target, "valid": dc.valid,
+           "valid_aux": dc.valid_aux,
            "split_seed": dc.split_seed}
     if dc.format == "synthetic":
         key.update(users=dc.synthetic_users, items=dc.synthetic_items, clusters=dc.synthetic_clusters)
@@ -59,11 +60,12 @@ def ensure_prepared(dc) -> Path:
         if behaviors:
             spec.behaviors = behaviors
             spec.aux_extra = [float(len(behaviors) - 1 - k) for k in range(len(behaviors) - 1)]
-        P.prepare_synthetic(out, spec, valid=dc.valid, overwrite=True)
+        P.prepare_synthetic(out, spec, valid=dc.valid, valid_aux=dc.valid_aux, overwrite=True)
     elif dc.format == "text":
         P.prepare_text(Path(dc.path), out, behaviors=behaviors, target=target, n_users=dc.n_users or None,
-                       n_items=dc.n_items or None, seed=dc.split_seed, valid=dc.valid, overwrite=True)
+                       n_items=dc.n_items or None, seed=dc.split_seed, valid=dc.valid, valid_aux=dc.valid_aux,
+                       overwrite=True)
     else:
         P.prepare_table(Path(dc.path), out, behaviors=behaviors, target=target, seed=dc.split_seed,
-                        valid=dc.valid, overwrite=True)
+                        valid=dc.valid, valid_aux=dc.valid_aux, overwrite=True)
     return out

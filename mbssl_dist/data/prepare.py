@@ -26,11 +26,13 @@ OnTestInTrain = Literal["error", "drop"]
 def assemble(behaviors: list[str], users: list[np.ndarray], items: list[np.ndarray],
              test_user: np.ndarray, test_item: np.ndarray, n_users: int, n_items: int,
              *, seed: int = 0, valid: str = "one-per-user", on_test_in_train: OnTestInTrain = "error",
-             target_timestamps: np.ndarray | None = None, test_file: str = "<test>",
+             valid_aux: str = "auto", target_timestamps: np.ndarray | None = None, test_file: str = "<test>",
              manifest: dict | None = None) -> PreparedDataset:
     """Validate and split into train / valid / test; returns an in-memory dataset."""
     if valid not in ("one-per-user", "none"):
         raise DataError(f"valid must be 'one-per-user' or 'none', got {valid!r}", field="valid")
+    if valid_aux not in ("auto", "keep", "drop"):
+        raise DataError(f"valid_aux must be 'auto', 'keep' or 'drop', got {valid_aux!r}", field="valid_aux")
     total = sum(len(u) for u in users)
     if total == 0 or n_users == 0 or n_items == 0:
         raise DataError("empty dataset: no training interactions")
@@ -74,6 +76,24 @@ def assemble(behaviors: list[str], users: list[np.ndarray], items: list[np.ndarr
     else:
         valid_user = valid_item = np.zeros(0, dtype=np.int64)
 
+    # The validation pair must look like the test pair. Some splits (Retailrocket) removed
+    # every auxiliary interaction on the test pair; then a validation pair still present in
+    # views/carts would be far easier than the test. ``auto`` mirrors what the test shows.
+    aux_keys = [pair_keys(users[k], items[k], n_items) for k in range(K - 1)]
+    test_in_aux = int(sum(np.isin(test_keys, a).sum() for a in aux_keys)) if K > 1 else 0
+    drop_aux = valid_aux == "drop" or (valid_aux == "auto" and K > 1 and test_in_aux == 0 and len(valid_user) > 0)
+    valid_aux_removed = 0
+    if drop_aux and len(valid_user):
+        vkeys = pair_keys(valid_user, valid_item, n_items)
+        for k in range(K - 1):
+            m = np.isin(aux_keys[k], vkeys)
+            valid_aux_removed += int(m.sum())
+            users[k], items[k] = users[k][~m], items[k][~m]
+        log.info("removed %d auxiliary interactions on validation pairs (valid_aux=%s; %d test pairs occur in "
+                 "auxiliary behaviors)", valid_aux_removed, valid_aux, test_in_aux)
+    if valid_aux_removed:
+        dropped["auxiliary_pairs_on_validation_items"] = valid_aux_removed
+
     train_user = np.concatenate(users)
     train_item = np.concatenate(items)
     train_beh = np.concatenate([np.full(len(u), k, dtype=np.int8) for k, u in enumerate(users)])
@@ -83,7 +103,9 @@ def assemble(behaviors: list[str], users: list[np.ndarray], items: list[np.ndarr
     to = np.lexsort((test_item, test_user))
     manifest.update({
         "counts_input": counts_input,
-        "validation": {"policy": valid, "seed": seed,
+        "validation": {"policy": valid, "seed": seed, "valid_aux": valid_aux,
+                       "aux_interactions_on_valid_pairs": "dropped" if drop_aux else "kept",
+                       "test_pairs_in_aux_behaviors": test_in_aux,
                        "rule": "one target item per user with >= 2 training target items "
                                + ("(latest by timestamp)" if target_timestamps is not None else "(seeded random)")},
         "dropped": dropped,
@@ -103,7 +125,7 @@ def _inputs(paths: list[Path]) -> list[dict]:
 
 
 def prepare_text(input_dir: Path, out: Path, *, behaviors=None, target=None, n_users=None, n_items=None,
-                 seed=0, valid="one-per-user", on_test_in_train: OnTestInTrain = "error",
+                 seed=0, valid="one-per-user", on_test_in_train: OnTestInTrain = "error", valid_aux="auto",
                  overwrite=False) -> PreparedDataset:
     from .text import read_text_dir
 
@@ -112,13 +134,14 @@ def prepare_text(input_dir: Path, out: Path, *, behaviors=None, target=None, n_u
     manifest = {"source": {"format": "text", "input": str(Path(input_dir).resolve())},
                 "inputs": _inputs(list(td.files.values()))}
     ds = assemble(td.behaviors, td.users, td.items, td.test_user, td.test_item, td.n_users, td.n_items,
-                  seed=seed, valid=valid, on_test_in_train=on_test_in_train, test_file=str(td.files["test"]),
+                  seed=seed, valid=valid, on_test_in_train=on_test_in_train, valid_aux=valid_aux,
+                  test_file=str(td.files["test"]),
                   manifest=manifest)
     return _write(ds, out, overwrite, t0)
 
 
 def prepare_table(input_path: Path, out: Path, *, behaviors=None, target=None, seed=0,
-                  valid="one-per-user", on_test_in_train: OnTestInTrain = "error",
+                  valid="one-per-user", on_test_in_train: OnTestInTrain = "error", valid_aux="auto",
                   overwrite=False) -> PreparedDataset:
     from .table import read_table
 
@@ -131,7 +154,7 @@ def prepare_table(input_path: Path, out: Path, *, behaviors=None, target=None, s
                 "table": {"duplicate_rows_merged": td.duplicates_merged,
                           "users_without_test (single target interaction)": td.users_without_test}}
     ds = assemble(td.behaviors, td.users, td.items, td.test_user, td.test_item, len(td.user_ids),
-                  len(td.item_ids), seed=seed, valid=valid, on_test_in_train=on_test_in_train,
+                  len(td.item_ids), seed=seed, valid=valid, on_test_in_train=on_test_in_train, valid_aux=valid_aux,
                   target_timestamps=td.timestamps, test_file=str(input_path), manifest=manifest)
     extra = {"user_map": pa.table({"index": pa.array(np.arange(len(td.user_ids), dtype=np.int32)),
                                    "id": pa.array(td.user_ids.tolist(), pa.string())}),
@@ -141,7 +164,7 @@ def prepare_table(input_path: Path, out: Path, *, behaviors=None, target=None, s
 
 
 def prepare_synthetic(out: Path, spec=None, *, seed: int | None = None, valid="one-per-user",
-                      overwrite=False) -> PreparedDataset:
+                      valid_aux="auto", overwrite=False) -> PreparedDataset:
     from .synthetic import SyntheticSpec, generate
 
     t0 = time.time()
@@ -151,7 +174,7 @@ def prepare_synthetic(out: Path, spec=None, *, seed: int | None = None, valid="o
     pairs, tu, ti = generate(spec)
     manifest = {"source": {"format": "synthetic", "spec": spec.to_dict()}, "inputs": []}
     ds = assemble(list(spec.behaviors), [p[0] for p in pairs], [p[1] for p in pairs], tu, ti,
-                  spec.n_users, spec.n_items, seed=spec.seed, valid=valid, manifest=manifest)
+                  spec.n_users, spec.n_items, seed=spec.seed, valid=valid, valid_aux=valid_aux, manifest=manifest)
     return _write(ds, out, overwrite, t0)
 
 

@@ -198,6 +198,61 @@ def _lookup(candidate_ids: torch.Tensor | None, n_cand: int, ids: torch.Tensor) 
     return order[pos], ok
 
 
+_CHUNK_ELEMS = 1 << 22  # logits entries materialized at once (16 MiB in float32)
+
+
+class _ExpSum(torch.autograd.Function):
+    """den[a] = Σ_c exp((za[a]·zc[c] − 1)·inv_t) with the (rows, cols) entries replaced by the
+    constant ``fill``; computed over row chunks of the [A, C] logits and recomputed in the
+    backward, so no A x C matrix is kept (memory O(chunk·C) instead of several A x C tensors).
+    Same math as ``exp(...).index_put(...).sum(1)``: the replaced entries have zero gradient."""
+
+    @staticmethod
+    def _chunks(A: int, C: int, rows: torch.Tensor | None):
+        step = max(1, _CHUNK_ELEMS // max(C, 1))
+        for s in range(0, A, step):
+            e = min(A, s + step)
+            sel = None
+            if rows is not None:
+                lo, hi = torch.searchsorted(rows, torch.tensor([s, e], dtype=rows.dtype, device=rows.device)).tolist()
+                sel = slice(lo, hi)
+            yield s, e, sel
+
+    @staticmethod
+    def _block(za, zc, s, e, rows, cols, sel, inv_t, fill):
+        E = torch.mm(za[s:e], zc.T).sub_(1.0).mul_(inv_t).exp_()
+        if sel is not None and sel.stop > sel.start:
+            E[rows[sel] - s, cols[sel]] = fill
+        return E
+
+    @staticmethod
+    def forward(ctx, za, zc, rows, cols, fill, inv_t):  # type: ignore[override]
+        if rows is not None:
+            order = torch.argsort(rows, stable=True)
+            rows, cols = rows[order], cols[order]
+        A, C = za.shape[0], zc.shape[0]
+        den = za.new_empty(A)
+        for s, e, sel in _ExpSum._chunks(A, C, rows):
+            den[s:e] = _ExpSum._block(za, zc, s, e, rows, cols, sel, inv_t, fill).sum(1)
+        ctx.save_for_backward(za, zc, rows, cols)
+        ctx.inv_t = inv_t
+        return den
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        za, zc, rows, cols = ctx.saved_tensors
+        inv_t = ctx.inv_t
+        A, C = za.shape[0], zc.shape[0]
+        gza = torch.empty_like(za)
+        gzc = torch.zeros_like(zc)
+        for s, e, sel in _ExpSum._chunks(A, C, rows):
+            E = _ExpSum._block(za, zc, s, e, rows, cols, sel, inv_t, 0.0)  # fill entries are constants
+            E.mul_(g[s:e].unsqueeze(1) * inv_t)
+            gza[s:e] = E @ zc
+            gzc.addmm_(E.T, za[s:e])
+        return gza, gzc, None, None, None, None
+
+
 def info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: torch.Tensor, tau: float,
              anchors_meta: Anchors | None = None, comm: Comm | None = None, candidates_sharded: bool = False,
              candidate_ids: torch.Tensor | None = None, fn_mode: str = "remove",
@@ -238,7 +293,8 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: torch.Ten
             fn = (comm.all_gather_cat(fn[0] + offset), comm.all_gather_cat(fn[1]))
     else:
         ZA = za
-    E = torch.exp((ZA @ zc.T - 1.0) * inv_t)  # [A, C_local]
+    rows = cols = None
+    fill = 0.0
     if fn is not None and fn[0].numel() > 0:
         rows, ids = fn
         cols, ok = _lookup(candidate_ids, zc.shape[0], ids)
@@ -247,8 +303,9 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: torch.Ten
         rows, cols = rows[ok], cols[ok]
         if rows.numel() > 0:
             fill = 0.0 if fn_mode == "remove" else float(torch.exp(torch.tensor(-inv_t, dtype=torch.float64)))
-            E = E.index_put((rows, cols), E.new_full((rows.numel(),), fill))
-    den = E.sum(1)
+        else:
+            rows = cols = None
+    den = _ExpSum.apply(ZA, zc, rows, cols, fill, inv_t)  # Σ_c exp((cos(a, c) − 1)/τ), FN entries = fill
     if dist:
         den = comm.all_reduce_sum(den)
     if extra_zero_logits:

@@ -34,6 +34,7 @@ from ..parallel.comm import Comm, LocalComm
 from .hmg import HMG
 from .losses import (Anchors, InteractionTerms, InterBehaviorInfoNCE, IntraBehaviorInfoNCE, NonSamplingLoss)
 from .mbssl import MBSSL, Adjacency
+from .tape import MainTape, ViewTape, add_grads, zero_grads
 
 ReduceGrads = Callable[[list, list], list]
 
@@ -241,6 +242,7 @@ class TrainStep:
             hmg = HMG(len(self.tasks), config.hmg_strategy, config.hmg_relax, config.hmg_beta, config.hmg_use_ema)
             state = TrainState(opt, hmg, config.seed)
         self.state = state
+        self.fast = True  # batched reverse pass (model/tape.py); False = one autograd pass per task
         self.timings: dict[str, float] | None = None  # set to {} to record per-phase seconds
         self._t_last = 0.0
 
@@ -258,45 +260,204 @@ class TrainStep:
 
     def compute_losses(self, batch: Batch, adjs: Sequence[Adjacency], view_adjs: Sequence[Adjacency] | None,
                        generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """All task losses through the autograd graph of the model (reference path; the step
+        itself uses the equivalent :mod:`.tape` fast path unless ``fast`` is off)."""
         m, cfg, comm = self.model, self.cfg, self.comm
-        K = m.n_behaviors
         need_views = cfg.use_intra
         self._tick(None)
         prop = m(adjs, comm, generator, keep_layers=need_views and cfg.view_mode == "target")
         self._tick("fwd/main")
-        bu = prop.users[batch.users]
+        views = None
+        if need_views:
+            self._check_views(view_adjs)
+            views = m.forward_views(prop, view_adjs, adjs, comm, generator, cfg.view_mode)
+            self._tick("fwd/views")
+        return self._losses(prop.users, prop.items, prop.relations, views, batch)
+
+    @staticmethod
+    def _check_views(view_adjs) -> None:
+        if view_adjs is None or len(view_adjs) != 2:
+            raise ValueError("intra SSL needs two view adjacencies of the target behavior")
+
+    def _losses(self, users: torch.Tensor, items: torch.Tensor, relations: torch.Tensor,
+                views: Sequence[torch.Tensor] | None, batch: Batch) -> dict[str, torch.Tensor]:
+        """Task losses from the propagated users [n_u, K, d], items [n_i, K, d], relation
+        readout [K, d] and the two intra views ([n_u + n_i, d] each)."""
+        m, cfg, comm = self.model, self.cfg, self.comm
+        K = m.n_behaviors
+        self._tick(None)
+        bu = users[batch.users]
         inter_terms = None
         if m.interaction_scoring:
             s_pos = m.interaction_term(batch.pos_indicators) if batch.pos_indicators is not None else None
             s_supp = m.interaction_term(batch.supp_indicators) if batch.supp_indicators is not None else None
             inter_terms = InteractionTerms(m.item_bias, s_pos, batch.supp_rows, batch.supp_items, s_supp)
-        rec, reg, _ = self.rec_loss(bu, prop.items, prop.relations, batch.pos, comm, inter_terms)
+        rec, reg, _ = self.rec_loss(bu, items, relations, batch.pos, comm, inter_terms)
         losses = {"rec": rec}
         self._tick("loss/rec")
         cand_ids = m.user_ids
         if cfg.use_intra:
-            if view_adjs is None or len(view_adjs) != 2:
-                raise ValueError("intra SSL needs two view adjacencies of the target behavior")
-            v1, v2 = m.forward_views(prop, view_adjs, adjs, comm, generator, cfg.view_mode)
-            self._tick("fwd/views")
+            v1, v2 = views
             n_u = m.n_users
             losses["intra"] = self.intra_loss(v1[:n_u], v2[:n_u], batch.user_anchors, v1[n_u:], v2[n_u:],
                                               batch.item_anchors, comm, cand_ids, cfg.intra_weight)
             self._tick("loss/intra")
         if cfg.use_inter:
             for k in range(K - 1):
-                losses[f"inter_{k}"] = self.inter_loss(prop.users[:, K - 1], prop.users[:, k], batch.user_anchors,
-                                                       prop.items[:, K - 1], prop.items[:, k], batch.item_anchors,
+                losses[f"inter_{k}"] = self.inter_loss(users[:, K - 1], users[:, k], batch.user_anchors,
+                                                       items[:, K - 1], items[:, k], batch.item_anchors,
                                                        comm, cand_ids, self.inter_weights[k])
                 self._tick(f"loss/inter_{k}")
         losses["reg"] = reg
         return losses
 
+    # ------------------------------------------------------------------ fast path
+    def _fast_forward(self, batch: Batch, adjs: Sequence[Adjacency], view_adjs, generator):
+        """Forward through :mod:`.tape` (no autograd through the propagation); the losses are
+        autograd graphs over detached leaves of the propagation outputs."""
+        m, cfg, comm = self.model, self.cfg, self.comm
+        K, L = m.n_behaviors, m.n_layers
+        n_u = m.n_users
+        self._tick(None)
+        rel = m.relation_layers()  # autograd (tiny): differentiated by hand in _rel_chain
+        ego0 = torch.cat([m.user_embedding.detach(), m.item_embedding.detach()], 0)
+        main = MainTape(m, adjs, comm)
+        out = main.forward(rel[:L], ego0, generator)  # [K, N, d]
+        users = out[:, :n_u].permute(1, 0, 2).detach().requires_grad_()
+        items = out[:, n_u:].permute(1, 0, 2).detach().requires_grad_()
+        relations = torch.stack(rel, 0).mean(0)
+        self._tick("fwd/main")
+        vtapes, views = [], None
+        if cfg.use_intra:
+            self._check_views(view_adjs)
+            if cfg.view_mode == "target":
+                vtapes = [ViewTape(m, main, va, comm) for va in view_adjs]
+                views = [t.forward(ego0, generator) for t in vtapes]
+            elif cfg.view_mode == "full":
+                vtapes = [MainTape(m, list(adjs[:-1]) + [va], comm) for va in view_adjs]
+                views = [t.forward(rel[:L], ego0, generator)[K - 1] for t in vtapes]
+            else:
+                raise ValueError(f"unknown view mode {cfg.view_mode!r}")
+            views = [v.detach().requires_grad_() for v in views]
+            self._tick("fwd/views")
+        losses = self._losses(users, items, relations, views, batch)
+        ctx = dict(main=main, vtapes=vtapes, users=users, items=items, views=views or [], relations=relations,
+                   rel=[r.detach() for r in rel], N=ego0.shape[0])
+        return losses, ctx
+
+    def _fast_grads(self, losses: dict, names: list[str], ctx: dict) -> dict[str, list]:
+        """Per-task gradients of every parameter: cotangents of the propagation outputs per task
+        (autograd over the small loss graphs), then ONE batched reverse pass for all tasks."""
+        m, cfg = self.model, self.cfg
+        K, L, d = m.n_behaviors, m.n_layers, m.dim
+        n_u, N = m.n_users, ctx["N"]
+        users, items, views, relations = ctx["users"], ctx["items"], ctx["views"], ctx["relations"]
+        direct = [p for p in (m.behavior_weight, m.item_bias) if p is not None and p.requires_grad]
+        leaves = [users, items] + list(views) + [relations] + direct
+        T = len(names)
+        dt = users.dtype
+        g_out = torch.zeros(K, N, T, d, dtype=dt, device=users.device)
+        touch = [False] * T
+        touch_view = [False] * T
+        g_rel_out: list = [None] * T
+        g_direct: list = [[None] * len(direct) for _ in range(T)]
+        g_views: list = [None] * T
+        self._tick(None)
+        for t, n in enumerate(names):
+            loss = losses[n]
+            if not loss.requires_grad:
+                continue
+            g = torch.autograd.grad(loss, leaves, retain_graph=t < T - 1, allow_unused=True)
+            gu, gi = g[0], g[1]
+            gv = g[2:2 + len(views)]
+            g_rel_out[t] = g[2 + len(views)]
+            g_direct[t] = list(g[3 + len(views):])
+            if gu is not None:
+                g_out[:, :n_u, t] = gu.permute(1, 0, 2)
+            if gi is not None:
+                g_out[:, n_u:, t] = gi.permute(1, 0, 2)
+            touch[t] = gu is not None or gi is not None
+            if any(x is not None for x in gv):
+                touch_view[t] = True
+                g_views[t] = gv
+        self._tick("bwd/losses")
+        main: MainTape = ctx["main"]
+        extra_h = [None] * L
+        extra_logits = [None] * L
+        vg = None
+        view_task = 0
+        vt = [t for t in range(T) if touch_view[t]]
+        if vt:
+            vg = zero_grads(m, T, N, dt, users.device)
+            for t in vt:
+                for tape, gv in zip(ctx["vtapes"], g_views[t]):
+                    if gv is None:
+                        continue
+                    if isinstance(tape, ViewTape):
+                        if len(vt) > 1:
+                            raise NotImplementedError("target-mode views feed one task only")
+                        view_task = t
+                        tape.backward(gv, extra_h, extra_logits, vg, t)
+                    else:
+                        go = torch.zeros(K, N, 1, d, dtype=dt, device=users.device)
+                        go[K - 1, :, 0] = gv
+                        add_grads(vg, tape.backward(go), t)
+            self._tick("bwd/views")
+        tg = main.backward(g_out, extra_h, extra_logits, view_task)
+        if vg is not None:
+            add_grads(tg, vg)
+        self._tick("bwd/main")
+        out: dict[str, list] = {}
+        for t, n in enumerate(names):
+            used = touch[t] or touch_view[t]
+            att_used = m.use_cdm and (touch[t] or (touch_view[t] and (K > 1 or cfg.view_mode == "full")))
+            gd: dict[int, torch.Tensor | None] = {}
+            if used:
+                gd[id(m.user_embedding)] = tg.ego[:n_u, t].clone()
+                gd[id(m.item_embedding)] = tg.ego[n_u:, t].clone()
+                for l in range(L):
+                    gd[id(m.W_gc[l])] = tg.W_gc[l, t].clone()
+            if att_used:
+                gd[id(m.att_w1)] = tg.att_w1[t].clone()
+                gd[id(m.att_w2)] = tg.att_w2[t].clone()
+            g_re, g_wr = self._rel_chain(ctx["rel"], g_rel_out[t], tg.rel[:, t] if used else None)
+            gd[id(m.relation_embedding)] = g_re
+            for l in range(L):
+                gd[id(m.W_rel[l])] = g_wr[l]
+            for p, g in zip(direct, g_direct[t]):
+                gd[id(p)] = g
+            out[n] = [gd.get(id(p)) for p in self.params]
+        self._tick("bwd/assemble")
+        return out
+
+    def _rel_chain(self, rel: list[torch.Tensor], g_readout: torch.Tensor | None, g_layers: torch.Tensor | None):
+        """Reverse pass of r^{l+1} = r^l W_rel^l with cotangents g_readout / (L + 1) on every r^l
+        (the relation readout is their mean) and g_layers[l] on r^l, l < L (from the layers).
+        Returns (grad of r^0 = relation_embedding, [grad of W_rel^l]); None where unused."""
+        m = self.model
+        L = m.n_layers
+        direct = None if g_readout is None else g_readout / (L + 1)
+        C = direct  # cotangent of r^L
+        g_wr: list = [None] * L
+        for l in reversed(range(L)):
+            c = direct
+            if g_layers is not None:
+                c = g_layers[l].clone() if c is None else c + g_layers[l]
+            if C is not None:
+                W = m.W_rel[l].detach()
+                g_wr[l] = rel[l].T @ C
+                c = C @ W.T if c is None else c + C @ W.T
+            C = c
+        return C, g_wr
+
     def __call__(self, batch: Batch, adjs: Sequence[Adjacency], view_adjs: Sequence[Adjacency] | None = None) -> StepResult:
         st = self.state
         self.model.train()
         gen = make_generator(st.seed, st.epoch, st.step, "dropout")
-        losses = self.compute_losses(batch, adjs, view_adjs, gen)
+        if self.fast:
+            losses, ctx = self._fast_forward(batch, adjs, view_adjs, gen)
+        else:
+            losses = self.compute_losses(batch, adjs, view_adjs, gen)
         # global values for reporting / finiteness (sum over ranks; one collective)
         names = self.tasks + ["reg"]
         vals = torch.stack([losses[n].detach().to(torch.float64) for n in names])
@@ -305,13 +466,19 @@ class TrainStep:
         for n, v in zip(names, vals.tolist()):
             if not math.isfinite(v):
                 raise NonFiniteLossError(n, v)
-        order = names
         grads: dict[str, list] = {}
-        for idx, n in enumerate(order):
-            g = torch.autograd.grad(losses[n], self.params, retain_graph=idx < len(order) - 1, allow_unused=True)
-            self._tick(f"bwd/{n}")
-            grads[n] = self._reduce(list(g))
+        if self.fast:
+            raw = self._fast_grads(losses, names, ctx)
+            del ctx
+            for n in names:
+                grads[n] = self._reduce(raw[n])
             self._tick("reduce")
+        else:
+            for idx, n in enumerate(names):
+                g = torch.autograd.grad(losses[n], self.params, retain_graph=idx < len(names) - 1, allow_unused=True)
+                self._tick(f"bwd/{n}")
+                grads[n] = self._reduce(list(g))
+                self._tick("reduce")
         combined, stats = st.hmg.combine([grads[n] for n in self.tasks], self.sharded, self.comm)
         self._tick("hmg")
         opt = st.optimizer

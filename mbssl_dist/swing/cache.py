@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import numpy as np
 from .store import load_swing_topn
 
 log = logging.getLogger(__name__)
+TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def swing_dir_for(cfg, ds) -> Path:
@@ -39,7 +42,10 @@ def ensure_swing(cfg, ds, compute: bool = True) -> Path:
         used = {b: w for b, w in sc.weights.items() if w > 0}
         cmd += ["--behaviors", ",".join(used), "--weights", ",".join(f"{b}={w}" for b, w in used.items())]
     log.info("computing swing similarity: %s", " ".join(cmd))
-    r = subprocess.run(cmd)
+    # The trainer may itself run under torchrun: hide its rendezvous variables, or the swing
+    # CLI would take itself for one rank of a distributed swing job and wait for the others.
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC")}
+    r = subprocess.run(cmd, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"swing computation failed (exit {r.returncode}): {' '.join(cmd)}")
     return out
