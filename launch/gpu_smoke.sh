@@ -26,7 +26,7 @@ run() {  # name, then train args
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+recs = [json.loads(l) for l in (out / "timings.jsonl").read_text().splitlines()]
 ep = [r["seconds"] for r in recs if r.get("kind") == "epoch"]
 mem = max(r.get("cuda_peak_mb", 0) for r in recs if r.get("kind") == "epoch")
 final = json.loads((out / "final.json").read_text())

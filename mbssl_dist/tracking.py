@@ -68,6 +68,8 @@ class RunLogger:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.metrics_path.write_text("")
+        self.timings_path = self.out_dir / "timings.jsonl"
+        self.timings_path.write_text("")
         if use_mlflow:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             import mlflow
@@ -75,7 +77,10 @@ class RunLogger:
             uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
             mlflow.set_tracking_uri(uri)
             if mlflow.get_experiment_by_name(experiment) is None:
-                art = (Path.cwd() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+                art = None
+                if uri.startswith("sqlite:///"):
+                    # artifacts beside the database: sqlite:///x/mlflow.db -> x/mlartifacts
+                    art = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
                 mlflow.create_experiment(experiment, artifact_location=art)
             mlflow.set_experiment(experiment)
             self._run = mlflow.start_run(run_name=run_name)
@@ -92,17 +97,25 @@ class RunLogger:
             self._mlflow.set_tags(tags)
             self._mlflow.log_artifact(str(self.out_dir / "config.toml"))
 
-    def record(self, rec: dict, step: int | None = None) -> None:
-        """Append one JSON record to metrics.jsonl and log its numeric fields to MLflow."""
+    def record(self, rec: dict, step: int | None = None, timing: dict | None = None) -> None:
+        """Append one JSON record to metrics.jsonl and log its numeric fields to MLflow.
+
+        Wall-clock and memory figures go in ``timing`` (to timings.jsonl and MLflow), so that
+        metrics.jsonl depends only on the seed and is identical between identical runs."""
         if not self.enabled:
             return
         self.records.append(rec)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
+        if timing:
+            with open(self.timings_path, "a") as f:
+                f.write(json.dumps({"kind": rec.get("kind"), "epoch": rec.get("epoch"), **timing}, sort_keys=True)
+                        + "\n")
         if self._mlflow:
             prefix = rec.get("kind", "")
             metrics = {}
-            for k, v in rec.items():
+            items = list(rec.items()) + [(f"time/{k}", v) for k, v in (timing or {}).items()]
+            for k, v in items:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step") \
                         and math.isfinite(v):
                     metrics[mlflow_name(f"{prefix}/{k}" if prefix else k)] = float(v)
@@ -117,6 +130,7 @@ class RunLogger:
         if self._mlflow:
             self._mlflow.log_artifact(str(self.out_dir / "final.json"))
             self._mlflow.log_artifact(str(self.metrics_path))
+            self._mlflow.log_artifact(str(self.timings_path))
             if png:
                 self._mlflow.log_artifact(str(png))
             for k, v in _flatten(final).items():

@@ -290,25 +290,27 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
             results.append(res)
             if progress:
                 bar.set_postfix(rec=f"{res.losses['rec']:.4g}")
-        rec = {"kind": "epoch", "epoch": epoch, "seconds": round(time.time() - t0, 3), "steps": len(results),
-               "peak_rss_mb": peak_rss_mb()}
+        rec = {"kind": "epoch", "epoch": epoch, "steps": len(results)}
+        timing = {"seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb()}
         if device.type == "cuda":
-            rec["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            timing["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         rec.update(mean_stats(results))
-        logger.record(rec, step=epoch)
-        log.info("epoch %d: %.1fs, %s", epoch, rec["seconds"],
+        logger.record(rec, step=epoch, timing=timing)
+        log.info("epoch %d: %.1fs, %s", epoch, timing["seconds"],
                  ", ".join(f"{k[5:]}={v:.4g}" for k, v in rec.items() if k.startswith("loss/")))
 
         last = epoch == tc.epochs - 1
         if (epoch + 1) % tc.eval_every == 0 or last:
             t1 = time.time()
             res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
-            ev = {"epoch": epoch, "seconds": round(time.time() - t1, 3)}
+            ev = {"epoch": epoch}
+            eval_seconds = round(time.time() - t1, 3)
             for ph in ("valid", "test"):
                 for k, v in res[ph].items():
                     if k != "n_users":
                         ev[f"{ph}/{k}"] = v
-                logger.record({"kind": ph, "epoch": epoch, **res[ph]}, step=epoch)
+                logger.record({"kind": ph, "epoch": epoch, **res[ph]}, step=epoch,
+                              timing={"eval_seconds": eval_seconds} if ph == "valid" else None)
             ev_key = {k.split("/", 1)[1]: v for k, v in ev.items() if k.startswith("valid/")}
             ev_row = {"epoch": epoch, **ev_key, "test": {k.split("/", 1)[1]: v for k, v in ev.items()
                                                          if k.startswith("test/")}}
@@ -336,7 +338,6 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         "epochs_run": state.epoch + 1,
         "steps": state.step,
         "world_size": comm.world_size,
-        "seconds": round(time.time() - t_start, 2),
         "dataset": str(ds.path),
         "dataset_sha256": ds.checksum(),
     }
@@ -366,6 +367,7 @@ def main(argv=None) -> int:
         return train(cfg, comm, device, prepare_only=args.prepare_only)
     except ConfigError as e:
         log.error("config error: %s", e)
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     finally:
         shutdown()
