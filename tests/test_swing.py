@@ -383,3 +383,39 @@ def test_chunking_and_blocking_do_not_change_results(tmp_path):
     for x, y, z in zip(outs[0], outs[1], ref):
         np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(x, z)
+
+
+def test_chunked_fill_equals_in_memory_stacking(tmp_path):
+    """The parallel layout (per-chunk slices of diag(w) M and M^T written into memory-mapped
+    files) is array-for-array the in-memory ``StackedPairs.build``."""
+    from mbssl_dist.swing import core, parallel
+
+    Rs = [random_graph(31, 70, 45, 0.2), random_graph(32, 70, 45, 0.1), random_graph(33, 70, 45, 0.15)]
+    Xs = [R.T.tocsr() for R in Rs]
+    weights = [1.0, 0.0, 0.3]
+    job = parallel.SideJob(side="items", behaviors=["a", "b", "c"], weights=weights, mats=Xs,
+                           alpha=0.7, chunk_triples=50)
+    tasks = job.chunks()
+    assert len(tasks) > 5 and all(t[1] != 1 for t in tasks)     # zero-weight behavior skipped
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    p1 = [parallel.phase1(job, t, scratch) for t in reversed(tasks)]   # any completion order
+    layout = parallel.make_layout(job, tasks, p1, scratch)
+    for t in tasks[::2] + tasks[1::2]:
+        parallel.fill(job, t, layout, scratch)
+    parallel.finish_layout(job, tasks, scratch)
+    got = parallel.open_stacked(scratch, job.n_src)
+    pms = [core.build_pair_matrix(core.SideIndex.build(X)) for X, w in zip(Xs, weights) if w != 0]
+    ref = core.StackedPairs.build(pms, [w for w in weights if w != 0], 0.7)
+    for name in ("indptr", "indices", "data", "t_indptr", "t_indices", "costs"):
+        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
+        assert a.dtype == b.dtype, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    # and every row of M^T lists ascending pairs, i.e. the same summation order for any shard
+    ti, tp = ref.t_indices, ref.t_indptr
+    d = np.diff(ti.astype(np.int64))
+    row_start = np.zeros(len(ti), dtype=bool)
+    row_start[tp[:-1][tp[:-1] < len(ti)]] = True
+    assert np.all(d[~row_start[1:]] > 0)
+    shards = parallel.contiguous_shards(ref.costs, 3)
+    assert np.array_equal(np.concatenate(shards), np.arange(job.n_src))

@@ -132,20 +132,24 @@ def main() -> int:
         taobao = prepare(args.data / "Taobao_MBCGCN", work / "taobao", 15449, 11953, "view,cart,buy")
         configs.append(("Taobao_MBCGCN view+cart+buy, both sides", taobao, ["--side", "both"]))
 
-    results: dict[tuple[str, int], tuple[float, float]] = {}
-    print(f"{'configuration':45s} {'workers':>7s} {'wall_s':>8s} {'cpu_s':>8s} {'peak_rss_MiB':>13s}")
-    for name, data, extra in configs:
+    results: dict[tuple[str, int], tuple[float, float, float]] = {}
+    print(f"{'configuration':45s} {'workers':>7s} {'wall_s':>8s} {'cpu_s':>8s} {'peak_rss_MiB':>13s} {'load1_before':>12s}")
+    for k, (name, data, extra) in enumerate(configs):
         for w in (1, 2):
-            out = work / f"out-{abs(hash(name)) % 10**8}-{w}"
+            out = work / f"out-{k}-{w}"
             cmd = [PY, "-m", "mbssl_dist.swing", "--data", str(data), "--out", str(out), "--workers", str(w),
                    "--overwrite", "--no-progress"] + extra
+            load = os.getloadavg()[0]
             wall, rss, rc, cpu = run_measured(cmd)
-            results[(name, w)] = (wall, rss)
-            print(f"{name:45s} {w:7d} {wall:8.2f} {cpu:8.2f} {rss:13.0f}" + ("" if rc == 0 else f"  FAILED rc={rc}"),
-                  flush=True)
+            results[(name, w)] = (wall, rss, cpu)
+            print(f"{name:45s} {w:7d} {wall:8.2f} {cpu:8.2f} {rss:13.0f} {load:12.2f}"
+                  + ("" if rc == 0 else f"  FAILED rc={rc}"), flush=True)
     for name, _, _ in configs:
-        a, b = results[(name, 1)][0], results[(name, 2)][0]
-        print(f"speed-up 2 vs 1 workers, {name}: {a / b:.2f}x")
+        (a, _, ca), (b, _, cb) = results[(name, 1)], results[(name, 2)]
+        # with the whole machine free, 2 workers cannot beat min(2, cpu_1 / (cpu_2 / 2)): the
+        # CPU-time ratio tells whether parallel work is duplicated, the wall ratio what it gave now
+        print(f"speed-up 2 vs 1 workers, {name}: {a / b:.2f}x wall; CPU time 2w/1w {cb / ca:.2f} "
+              f"(work-bound limit on 2 free cores {min(2.0, 2 * ca / cb):.2f}x)")
 
     R = read_buy(args.data / "incomplete" / "Beibei" / "buy.txt.gz", (21716, 7977))
     nv = naive_beibei_items(R, args.naive_rows)

@@ -233,6 +233,28 @@ def run_torchrun(args: argparse.Namespace, rank: int, world: int) -> int:
     return 0
 
 
+def tune_malloc() -> bool:
+    """Keep large freed blocks in the heap (glibc only).
+
+    The pair enumeration allocates and frees arrays of tens to hundreds of MB per chunk; with
+    glibc's defaults each one is a fresh ``mmap`` whose pages fault in again (about 15% of the
+    CPU time, all of it system time).  This is a short-lived batch process, so trading some
+    retained memory for that is right.  Forked pool workers inherit the setting.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        ok &= libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        ok &= libc.mallopt(M_TOP_PAD, 64 << 20)
+        return bool(ok)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -240,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0") or 0)
     try:
         validate(args)
+        tune_malloc()
         if world > 1:
             return run_torchrun(args, rank, world)
         return run_local(args)

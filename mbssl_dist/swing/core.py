@@ -20,13 +20,15 @@ row ``p`` is ``I_u & I_v`` and ``w_p = 1 / (alpha + c_p)``; then ``sim = M^T dia
    ``u``: every triple ``(u, v, i)`` with ``u < v`` both in ``U_i`` is generated with
    ragged numpy gathers (``sum_i C(|U_i|, 2)`` triples in all) and grouped by pair through
    one CSR->CSC counting sort; groups of size >= 2 are the rows of ``M``.
-2. *Similarity rows* (``similarity_topk``), sharded by source nodes: for a block of sources
-   ``B``, ``sim(B, :) = M[:, B]^T diag(w) M`` is one scipy sparse product whose cost is
-   ``sum_{p : B & I_p} c_p`` (``sum_p c_p^2`` over all sources).  Behaviors are combined
-   with their weights on the full rows, *then* each row is cut to its top-N.
+2. *Similarity rows* (``stacked_topk``), by blocks of source nodes: the behaviors' pair rows
+   are stacked into one ``diag(w) M`` (``w_p = weight_b / (alpha + c_p)``, ``StackedPairs``)
+   with the pattern of its transpose ``M^T`` (pairs ascending per row); for a block of sources
+   ``B``, ``sum_b weight_b sim_b(B, :) = M^T[B] diag(w) M`` is one scipy sparse product whose
+   cost is ``sum_{p : B & I_p} c_p`` (``sum_p c_p^2`` over all sources), then each full row is
+   cut to its top-N (``topk_csr``).
 
-All accumulation is float64 and in an order that does not depend on how sources or chunks
-are assigned to workers, so any number of workers gives bit-identical scores.
+All accumulation is float64; every entry is summed in ascending stacked-pair order whatever
+the blocks, chunks or workers, so any number of workers gives bit-identical scores.
 No dense ``n x n`` array is ever built (except by ``swing_bruteforce``, for tests).
 """
 
@@ -149,12 +151,12 @@ def enumerate_pairs(index: SideIndex, mid_lo: int, mid_hi: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of ``M`` for the pairs ``(u, v)``, ``u < v``, with ``mid_lo <= u < mid_hi``.
 
-    Returns ``(lens, srcs, run)``: ``lens[p] = c_p >= 2``, ``srcs`` the concatenated sorted
-    source lists ``I_u & I_v`` and ``run`` the (chunk-local) pair index of each entry.  Pairs
-    sharing a single source are dropped (they only touch the diagonal).
+    Returns ``(lens, srcs)``: ``lens[p] = c_p >= 2`` and ``srcs`` the concatenated sorted
+    source lists ``I_u & I_v``.  Pairs sharing a single source are dropped (they only touch
+    the diagonal).
     """
     k0, k1 = int(index.mid_indptr[mid_lo]), int(index.mid_indptr[mid_hi])
-    empty = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32))
+    empty = (np.zeros(0, np.int32), np.zeros(0, np.int32))
     if k1 <= k0:
         return empty
     i_loc = index.mid_indices[k0:k1]
@@ -166,8 +168,9 @@ def enumerate_pairs(index: SideIndex, mid_lo: int, mid_hi: int
     if T == 0:
         return empty
     # ragged gather: row k of G lists the v > u of U_i (already ascending)
-    idx = np.repeat(p + 1 - g_indptr[:-1], L)
-    idx += np.arange(T, dtype=np.int64)
+    ptype = np.int32 if index.nnz + T < 2**31 - 1 else np.int64   # positions and offsets fit
+    idx = np.repeat((p + 1 - g_indptr[:-1]).astype(ptype), L)
+    idx += np.arange(T, dtype=ptype)
     v = index.src_indices[idx]
     del idx
     itype = np.int32 if T < 2**31 - 1 else np.int64
@@ -203,19 +206,10 @@ def enumerate_pairs(index: SideIndex, mid_lo: int, mid_hi: int
     out_lens = lens[order]
     run_off = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(out_lens, out=run_off[1:])
-    run = run_ids(out_lens, run_off)
-    gidx = (starts[order] - run_off[:-1])[run]
+    gidx = np.repeat(starts[order] - run_off[:-1], out_lens)
     gidx += np.arange(len(gidx), dtype=np.int64)
     srcs = i_loc[kk[sel[gidx]]].astype(np.int32)
-    return out_lens.astype(np.int32), srcs, run
-
-
-def run_ids(lens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """For runs of positive lengths ``lens`` (offsets = cumsum), the run index of each position."""
-    total = int(offsets[-1])
-    mark = np.zeros(total, dtype=np.int32)
-    mark[offsets[1:-1]] = 1
-    return np.cumsum(mark, dtype=np.int32)
+    return out_lens.astype(np.int32), srcs
 
 
 def _itype(n: int) -> type:
@@ -224,44 +218,52 @@ def _itype(n: int) -> type:
 
 @dataclass
 class PairMatrix:
-    """``M`` (pairs x sources, CSR without data), its pair sizes ``c_p`` and entry->pair map."""
+    """``M`` of one behavior (pairs x sources, CSR pattern) and its pair sizes ``c_p``."""
 
     n_src: int
     indptr: np.ndarray   # int32 (int64 when nnz >= 2**31), len P+1
     indices: np.ndarray  # int32 source ids, ascending within a pair
     lens: np.ndarray     # int32 c_p
-    run: np.ndarray      # pair index of each entry
 
     @classmethod
-    def from_chunks(cls, n_src: int, chunks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
-                    ) -> "PairMatrix":
+    def from_chunks(cls, n_src: int, chunks: Sequence[tuple[np.ndarray, np.ndarray]]) -> "PairMatrix":
         if not chunks:
             z = np.zeros(0, np.int32)
-            return cls(n_src, np.zeros(1, np.int64), z, z, z)
+            return cls(n_src, np.zeros(1, np.int32), z, z)
         lens = np.concatenate([np.asarray(c[0], dtype=np.int32) for c in chunks])
         indices = np.concatenate([np.asarray(c[1], dtype=np.int32) for c in chunks])
-        it = np.int32 if len(lens) < 2**31 - 1 else np.int64
-        run = np.empty(len(indices), dtype=it)
-        pbase = ebase = 0
-        for c in chunks:
-            n = len(c[1])
-            np.add(np.asarray(c[2]), pbase, out=run[ebase:ebase + n], casting="unsafe")
-            pbase += len(c[0])
-            ebase += n
         indptr = np.zeros(len(lens) + 1, dtype=_itype(len(indices)))
         np.cumsum(lens, out=indptr[1:])
-        return cls(n_src, indptr, indices, lens, run)
+        return cls(n_src, indptr, indices, lens)
 
     @property
     def n_pairs(self) -> int:
         return int(len(self.lens))
+
+    @property
+    def run(self) -> np.ndarray:
+        """Pair index of each entry."""
+        return np.repeat(np.arange(self.n_pairs, dtype=_itype(self.n_pairs)), self.lens)
 
     def weights(self, alpha: float) -> np.ndarray:
         return 1.0 / (alpha + self.lens.astype(np.float64))
 
     def source_costs(self) -> np.ndarray:
         """Multiply-adds of the similarity row of each source: ``sum_{p : s in I_p} c_p``."""
-        return np.bincount(self.indices, weights=self.lens[self.run].astype(np.float64), minlength=self.n_src)
+        return source_costs(self.lens, self.indices, self.n_src)
+
+
+def source_costs(lens: np.ndarray, srcs: np.ndarray, n_src: int) -> np.ndarray:
+    """``sum_{p : s in I_p} c_p`` per source, for the pairs ``lens`` with entries ``srcs``."""
+    return np.bincount(srcs, weights=np.repeat(lens.astype(np.float64), lens), minlength=n_src)
+
+
+def entry_weights(lens: np.ndarray, alpha: float, weight: float = 1.0) -> np.ndarray:
+    """Per entry of ``M``: ``weight / (alpha + c_p)`` of its pair (the data of ``diag(w) M``)."""
+    w = 1.0 / (alpha + np.asarray(lens).astype(np.float64))
+    if weight != 1.0:
+        w *= weight
+    return np.repeat(w, lens)
 
 
 def build_pair_matrix(index: SideIndex, chunk_triples: int = CHUNK_TRIPLES) -> PairMatrix:
@@ -274,6 +276,92 @@ def build_pair_matrix(index: SideIndex, chunk_triples: int = CHUNK_TRIPLES) -> P
 # phase 2: similarity rows, behavior combination, top-N
 # --------------------------------------------------------------------------------------------
 
+@dataclass
+class StackedPairs:
+    """The pair rows of all (weighted) behaviors of one side, stacked, in both orientations.
+
+    ``indptr/indices/data``: ``diag(w) M`` as CSR (``P x n_src``), where the rows of behavior
+    ``b`` come after those of behaviors ``< b`` and ``w_p = weight_b / (alpha + c_p)``.
+    ``t_indptr/t_indices``: the pattern of ``M^T`` as CSR (``n_src x P``), pairs ascending
+    in each row.  ``costs``: multiply-adds per source row.  Then for a set of sources ``B``
+    ``sum_b weight_b sim_b(B, :) = M^T[B] (diag(w) M)``: one sparse product, whose every
+    entry is accumulated in ascending pair order whatever ``B`` is (so results never depend
+    on blocking or worker count).  The arrays may be memory-mapped ``.npy`` files.
+    """
+
+    n_src: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    t_indptr: np.ndarray
+    t_indices: np.ndarray
+    costs: np.ndarray
+
+    @classmethod
+    def build(cls, pms: Sequence[PairMatrix], weights: Sequence[float], alpha: float) -> "StackedPairs":
+        """In-memory construction (the parallel driver fills the same arrays chunk by chunk)."""
+        n_src = pms[0].n_src
+        P = sum(pm.n_pairs for pm in pms)
+        nnz = sum(len(pm.indices) for pm in pms)
+        it = index_dtype(nnz, P, n_src)
+        lens = np.concatenate([pm.lens for pm in pms]) if pms else np.zeros(0, np.int32)
+        indptr = np.zeros(P + 1, dtype=it)
+        np.cumsum(lens, out=indptr[1:])
+        indices = np.concatenate([pm.indices for pm in pms]).astype(it, copy=False)
+        data = np.concatenate([entry_weights(pm.lens, alpha, wt) for pm, wt in zip(pms, weights)])
+        # M^T by a stable counting sort (scipy's CSR -> CSC): pairs stay ascending in each row
+        t = sp.csr_matrix((np.ones(nnz, dtype=np.bool_), indices, indptr), shape=(P, n_src)).tocsc()
+        costs = source_costs(lens, indices, n_src)
+        return cls(n_src, indptr, indices, data, t.indptr.astype(it, copy=False),
+                   t.indices.astype(it, copy=False), costs)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(len(self.indptr) - 1)
+
+    def right(self) -> sp.csr_matrix:
+        return _csr_nocopy(self.data, self.indices, self.indptr, (self.n_pairs, self.n_src))
+
+    def left(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Rows ``rows`` (sorted) of the pattern of ``M^T`` as a float64 CSR."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):   # contiguous: slices only
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            a, b = int(self.t_indptr[lo]), int(self.t_indptr[hi])
+            ip = np.asarray(self.t_indptr[lo:hi + 1]) - a
+            ind = self.t_indices[a:b]
+        else:
+            starts = np.asarray(self.t_indptr[rows], dtype=np.int64)
+            cnt = np.asarray(self.t_indptr[rows + 1], dtype=np.int64) - starts
+            ip = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(cnt, out=ip[1:])
+            g = np.repeat(starts - ip[:-1], cnt)
+            g += np.arange(len(g), dtype=np.int64)
+            ind = np.asarray(self.t_indices)[g]
+        it = self.t_indices.dtype
+        return _csr_nocopy(np.ones(len(ind)), ind, ip.astype(it, copy=False), (len(rows), self.n_pairs))
+
+    def rows_topk(self, rows: np.ndarray, topn: int, right: sp.csr_matrix | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if right is None:
+            right = self.right()
+        S = self.left(rows) @ right
+        return topk_csr(S, np.asarray(rows, dtype=np.int64), topn)
+
+
+def index_dtype(nnz: int, n_pairs: int, n_src: int) -> type:
+    """One index dtype for all index arrays, so that scipy never converts (copies) them."""
+    return _itype(max(nnz, n_pairs + 1, n_src + 1))
+
+
+def _csr_nocopy(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]
+                ) -> sp.csr_matrix:
+    """A CSR matrix on the given (possibly memory-mapped) arrays, without copies or checks."""
+    A = sp.csr_matrix(shape, dtype=np.float64)
+    A.data, A.indices, A.indptr = data, indices, indptr
+    return A
+
+
 _ROW_BITS = 12                 # rows per top-N sort group (4096)
 _SCORE_SHIFT = 12              # drop 12 of 52 mantissa bits: ties up to ~1e-12 relative
 _SCORE_MAX = (1 << 51) - 1
@@ -285,15 +373,17 @@ def topk_csr(S: sp.csr_matrix, row_ids: np.ndarray, topn: int
 
     Order: score descending; scores equal up to ~1e-12 relative (rounding noise) are ties,
     broken by the smaller column id.  Returns ``(src, dst, score, rank)`` sorted by
-    (src, rank).  Scores must be >= 0; zeros are dropped.
+    (src, rank).  Scores must be >= 0; zeros are dropped.  ``S`` need not have sorted indices.
+
+    Per group of rows: one (unstable) sort of the keys ``(row, truncated score desc)`` gives
+    each row's ``topn``-th key; only the entries at or above it (``topn`` plus ties) are then
+    ordered by a stable sort of their keys, columns being ascending within each row.
     """
-    S = S.tocsr()
-    if not S.has_sorted_indices:
-        S.sort_indices()
+    S = S.tocsc().tocsr()    # two linear counting sorts: column indices ascending in each row
     n = S.shape[0]
     counts = np.diff(S.indptr)
     rows = np.repeat(np.arange(n, dtype=np.int64), counts)
-    cols = S.indices.astype(np.int64)
+    cols = S.indices
     vals = S.data.astype(np.float64, copy=False)
     keep = (vals > 0) & (cols != row_ids[rows])
     rows, cols, vals = rows[keep], cols[keep], vals[keep]
@@ -304,11 +394,21 @@ def topk_csr(S: sp.csr_matrix, row_ids: np.ndarray, topn: int
         if b <= a:
             continue
         r = rows[a:b]
+        c = cols[a:b]
         v = vals[a:b]
         key = (r - (g << _ROW_BITS)) << 51
         key |= _SCORE_MAX - (v.view(np.int64) >> _SCORE_SHIFT)
-        order = np.argsort(key, kind="stable")   # stable: equal keys keep column order
-        r, c, v = r[order], cols[a:b][order], v[order]
+        ng = min(n - (g << _ROW_BITS), 1 << _ROW_BITS)
+        rc = np.bincount(r - (g << _ROW_BITS), minlength=ng)
+        if rc.max() > topn:                       # keep only each row's top-N keys, ties included
+            skey = np.sort(key)
+            rstart = np.zeros(ng, dtype=np.int64)
+            np.cumsum(rc[:-1], out=rstart[1:])
+            kth = skey[rstart + np.minimum(rc, topn) - 1]          # garbage for empty rows: unused
+            cand = np.flatnonzero(key <= kth[r - (g << _ROW_BITS)])
+            r, c, v, key = r[cand], c[cand], v[cand], key[cand]
+        order = np.argsort(key, kind="stable")    # columns ascending within a row: ties by column
+        r, c, v = r[order], c[order], v[order]
         new = np.empty(len(r), dtype=np.bool_)
         new[0] = True
         np.not_equal(r[1:], r[:-1], out=new[1:])
@@ -316,47 +416,13 @@ def topk_csr(S: sp.csr_matrix, row_ids: np.ndarray, topn: int
         rank = np.arange(len(r), dtype=np.int64) - np.repeat(starts, np.diff(np.append(starts, len(r))))
         m = rank < topn
         out[0].append(row_ids[r[m]])
-        out[1].append(c[m])
+        out[1].append(c[m].astype(np.int64))
         out[2].append(v[m])
         out[3].append(rank[m])
     if not out[0]:
         z = np.zeros(0, np.int64)
         return z, z, np.zeros(0, np.float64), z
     return tuple(np.concatenate(x) for x in out)  # type: ignore[return-value]
-
-
-class _SourceOperator:
-    """``M[:, S]^T diag(w) M`` for one behavior, restricted to a sorted set of sources ``S``."""
-
-    def __init__(self, pm: PairMatrix, alpha: float, sources: np.ndarray):
-        P, n = pm.n_pairs, pm.n_src
-        nnz = len(pm.indices)
-        it = _itype(max(nnz, P, n))
-        self.right = sp.csr_matrix((np.ones(nnz), pm.indices.astype(it, copy=False),
-                                    pm.indptr.astype(it, copy=False)),
-                                   shape=(P, n))
-        # rows of M^T for the sources: a stable counting sort of their entries by source, so the
-        # pairs stay ascending inside each row (fixed summation order)
-        if len(sources) == n:
-            ent = None
-            lrow = pm.indices
-            pairs = pm.run
-        else:
-            local = np.full(n, -1, dtype=np.int32)
-            local[sources] = np.arange(len(sources), dtype=np.int32)
-            lrow = local[pm.indices]
-            ent = np.flatnonzero(lrow >= 0)
-            lrow = lrow[ent]
-            pairs = pm.run[ent]
-        w = pm.weights(alpha)
-        coo = sp.coo_matrix((w[pairs], (lrow.astype(it, copy=False), pairs.astype(it, copy=False))),
-                            shape=(len(sources), P))
-        self.left = coo.tocsr()
-        del coo
-        self.costs = np.bincount(lrow, weights=pm.lens[pairs].astype(np.float64), minlength=len(sources))
-
-    def rows(self, lo: int, hi: int) -> sp.csr_matrix:
-        return (self.left[lo:hi] @ self.right).tocsr()
 
 
 def plan_blocks(costs: np.ndarray, target: float = BLOCK_FLOPS) -> list[tuple[int, int]]:
@@ -394,29 +460,32 @@ def similarity_topk(pms: Sequence[PairMatrix], weights: Sequence[float], alpha: 
     if len(sources) and (sources[0] < 0 or sources[-1] >= n_src):
         raise ValueError(f"sources out of range [0, {n_src})")
     active = [(pm, float(wt)) for pm, wt in zip(pms, weights) if wt != 0.0]
-    ops = [(_SourceOperator(pm, alpha, sources), wt) for pm, wt in active]
-    costs = np.zeros(len(sources))
-    for op, _ in ops:
-        costs += op.costs
-    out_s, out_d, out_v, out_r = [], [], [], []
-    for lo, hi in plan_blocks(costs, block_flops):
-        if costs[lo:hi].sum() == 0:
-            continue
-        S = None
-        for op, wt in ops:
-            part = op.rows(lo, hi)
-            if wt != 1.0:
-                part.data *= wt
-            S = part if S is None else (S + part).tocsr()
-        rr, cc, vv, rk = topk_csr(S, sources[lo:hi], topn)
-        out_s.append(rr)
-        out_d.append(cc)
-        out_v.append(vv)
-        out_r.append(rk)
-    if not out_s:
+    if not active:
+        raise ValueError("all behavior weights are zero")
+    st = StackedPairs.build([p for p, _ in active], [w for _, w in active], alpha)
+    return stacked_topk(st, sources, topn, block_flops)
+
+
+def stacked_topk(st: StackedPairs, sources: np.ndarray, topn: int, block_flops: float = BLOCK_FLOPS,
+                 next_block=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top-N rows of the sorted ``sources``, block by block (``next_block()``: dynamic sharing)."""
+    costs = np.asarray(st.costs)[sources]
+    blocks = [(lo, hi) for lo, hi in plan_blocks(costs, block_flops) if costs[lo:hi].sum() > 0]
+    right = st.right()
+    out = ([], [], [], [])
+    k = 0
+    while True:
+        i = next_block() if next_block is not None else k
+        k += 1
+        if i >= len(blocks):
+            break
+        lo, hi = blocks[i]
+        for o, x in zip(out, st.rows_topk(sources[lo:hi], topn, right)):
+            o.append(x)
+    if not out[0]:
         z = np.zeros(0, np.int64)
         return z, z, np.zeros(0, np.float64), z
-    return (np.concatenate(out_s), np.concatenate(out_d), np.concatenate(out_v), np.concatenate(out_r))
+    return tuple(np.concatenate(x) for x in out)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,7 +538,7 @@ def swing_full(X: sp.spmatrix, alpha: float = DEFAULT_ALPHA) -> sp.csr_matrix:
     pm = build_pair_matrix(SideIndex.build(X))
     n = pm.n_src
     right = sp.csr_matrix((np.ones(len(pm.indices)), pm.indices, pm.indptr), shape=(pm.n_pairs, n))
-    left = sp.csr_matrix((pm.weights(alpha)[pm.run], pm.indices, pm.indptr), shape=(pm.n_pairs, n)).T.tocsr()
+    left = sp.csr_matrix((entry_weights(pm.lens, alpha), pm.indices, pm.indptr), shape=(pm.n_pairs, n)).T.tocsr()
     S = (left @ right).tocsr()
     S.setdiag(0.0)
     S.eliminate_zeros()

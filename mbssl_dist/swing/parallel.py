@@ -1,18 +1,27 @@
 """Parallel swing driver: a process pool in one process, or one shard per torchrun rank.
 
-Both modes run the same two phases (see ``core``):
+Both modes run the same three steps (see ``core``), all split across the workers:
 
-1. pair enumeration, in fixed data-determined chunks of intermediaries (independent of the
-   worker count), written as ``.npy`` files to a scratch directory;
-2. similarity rows + top-N, one shard of source nodes per worker (balanced by the exact
-   multiply-add count with a greedy LPT assignment), each shard written as one Parquet part.
+1. *pairs*: pair enumeration in fixed, data-determined chunks of intermediaries (independent
+   of the worker count), each chunk saved as ``.npy`` files in a scratch directory with its
+   per-source entry counts;
+2. *layout + fill*: from the chunk sizes alone, the offsets of every chunk in the stacked pair
+   matrix ``diag(w) M`` (CSR) and in its transpose pattern ``M^T`` (CSR, pairs ascending per
+   row) are computed once; then each chunk writes its own slices of both into shared
+   memory-mapped ``.npy`` files (a per-chunk stable counting sort gives its part of ``M^T``);
+3. *similarity*: contiguous blocks of source nodes, each ``M^T[block] @ (diag(w) M)`` plus
+   top-N, read straight from the memory-mapped files (no worker ever assembles ``M``; the
+   pages are shared through the page cache).  Pool workers pull blocks from a shared counter
+   (dynamic balance) and each writes one Parquet part; torchrun ranks take contiguous shards
+   of equal cost.
 
-Because chunks and summation order never depend on the worker count, the scores are
-bit-identical for any number of workers.
+Because chunks, offsets and summation order never depend on the worker count, the scores are
+bit-identical for any number of workers (and equal to ``core.similarity_topk``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -29,6 +38,8 @@ from . import core
 from .store import write_part
 
 log = logging.getLogger(__name__)
+
+Task = tuple[int, int, int, int, int]   # (task_id, behavior, mid_lo, mid_hi, n_triples)
 
 
 @dataclass
@@ -58,95 +69,209 @@ class SideJob:
             self._indexes = [core.SideIndex.build(X) for X in self.mats]
         return self._indexes
 
-    def chunks(self) -> list[tuple[int, int, int, int, int]]:
-        """All phase-1 tasks ``(task_id, behavior, mid_lo, mid_hi, n_triples)``."""
-        tasks = []
+    def chunks(self) -> list[Task]:
+        """All phase-1 tasks ``(task_id, behavior, mid_lo, mid_hi, n_triples)`` of the behaviors
+        with a nonzero weight, in stacking order (behavior, then intermediary range)."""
+        tasks: list[Task] = []
         for b, idx in enumerate(self.indexes()):
+            if self.weights[b] == 0.0:
+                continue
             for lo, hi, n in core.plan_chunks(idx, self.chunk_triples):
                 tasks.append((len(tasks), b, lo, hi, n))
         return tasks
 
 
 # -------------------------------------------------------------------------------------------
-# worker-side functions (module level so that they pickle)
+# step 1: pairs
 # -------------------------------------------------------------------------------------------
-
-_JOB: SideJob | None = None
-
-
-def _init_worker(job: SideJob) -> None:
-    global _JOB
-    _JOB = job
-    logging.getLogger().setLevel(logging.WARNING)
-
 
 def _chunk_path(scratch: Path, task_id: int, what: str) -> Path:
     return scratch / f"chunk-{task_id:06d}.{what}.npy"
 
 
-def phase1(job: SideJob, task: tuple[int, int, int, int, int], scratch: Path) -> dict[str, Any]:
-    """Enumerate the pairs of one chunk; save ``lens``, ``srcs`` and per-source costs."""
+def phase1(job: SideJob, task: Task, scratch: Path) -> dict[str, Any]:
+    """Enumerate the pairs of one chunk; save ``lens``, ``srcs`` and per-source entry counts."""
     t0 = time.perf_counter()
     task_id, b, lo, hi, n_triples = task
-    lens, srcs, run = core.enumerate_pairs(job.indexes()[b], lo, hi)
-    cost = np.bincount(srcs, weights=lens[run].astype(np.float64), minlength=job.n_src)
+    lens, srcs = core.enumerate_pairs(job.indexes()[b], lo, hi)
+    cnt = np.bincount(srcs, minlength=job.n_src).astype(np.int64)
     np.save(_chunk_path(scratch, task_id, "lens"), lens)
     np.save(_chunk_path(scratch, task_id, "srcs"), srcs)
-    np.save(_chunk_path(scratch, task_id, "run"), run)
-    np.save(_chunk_path(scratch, task_id, "cost"), cost)
+    np.save(_chunk_path(scratch, task_id, "cnt"), cnt)
+    flops = float(np.dot(lens.astype(np.float64), lens.astype(np.float64)))
     return {"task": task_id, "behavior": b, "triples": n_triples, "pairs": int(len(lens)),
-            "entries": int(len(srcs)), "flops": float(cost.sum()), "seconds": time.perf_counter() - t0}
+            "entries": int(len(srcs)), "flops": flops, "seconds": time.perf_counter() - t0}
 
 
-def _phase1_pool(args: tuple[tuple[int, int, int, int, int], str]) -> dict[str, Any]:
+# -------------------------------------------------------------------------------------------
+# step 2: layout and fill of the shared memory-mapped stacked pair matrix
+# -------------------------------------------------------------------------------------------
+
+_ARRAYS = ("indptr", "indices", "data", "t_indptr", "t_indices", "costs")
+
+
+def _array_path(scratch: Path, name: str) -> Path:
+    return scratch / f"stacked.{name}.npy"
+
+
+def make_layout(job: SideJob, tasks: Sequence[Task], p1: Sequence[dict], scratch: Path) -> dict[str, Any]:
+    """Offsets of every chunk in ``M`` and ``M^T``; creates the (empty) memory-mapped arrays.
+
+    Deterministic in the data only.  Returns the layout (also saved as ``layout.json``).
+    """
+    stats = {r["task"]: r for r in p1}
+    tasks = sorted(tasks)
+    pairs = np.array([stats[t[0]]["pairs"] for t in tasks], dtype=np.int64)
+    entries = np.array([stats[t[0]]["entries"] for t in tasks], dtype=np.int64)
+    pbase = np.concatenate([[0], np.cumsum(pairs)])
+    ebase = np.concatenate([[0], np.cumsum(entries)])
+    P, E, n = int(pbase[-1]), int(ebase[-1]), job.n_src
+    it = core.index_dtype(E, P, n)
+    # start of each chunk's segment in each row of M^T: rows ordered by source, chunks in order
+    tstart = np.zeros((len(tasks), n), dtype=np.int64)
+    tot = np.zeros(n, dtype=np.int64)
+    for k, t in enumerate(tasks):
+        tstart[k] = tot
+        tot += np.load(_chunk_path(scratch, t[0], "cnt"))
+    t_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(tot, out=t_indptr[1:])
+    tstart += t_indptr[:-1][None, :]
+    np.save(scratch / "tstart.npy", tstart)
+    shapes = {"indptr": (P + 1, it), "indices": (E, it), "data": (E, np.float64),
+              "t_indptr": (n + 1, it), "t_indices": (E, it), "costs": (n, np.float64)}
+    for name, (size, dt) in shapes.items():
+        a = np.lib.format.open_memmap(_array_path(scratch, name), mode="w+", dtype=dt, shape=(size,))
+        if name == "indptr":
+            a[0] = 0
+        elif name == "t_indptr":
+            a[:] = t_indptr
+        del a
+    layout = {"tasks": [list(t) for t in tasks], "pbase": pbase.tolist(), "ebase": ebase.tolist(),
+              "P": P, "E": E, "n_src": n}
+    _save_json(scratch / "layout.json", layout)
+    return layout
+
+
+def fill(job: SideJob, task: Task, layout: dict[str, Any], scratch: Path, sync: bool = False) -> float:
+    """Write one chunk's rows of ``diag(w) M`` and its segments of ``M^T`` (disjoint slices)."""
+    t0 = time.perf_counter()
+    k = [t[0] for t in layout["tasks"]].index(task[0])
+    pb, eb = int(layout["pbase"][k]), int(layout["ebase"][k])
+    lens = np.load(_chunk_path(scratch, task[0], "lens"))
+    srcs = np.load(_chunk_path(scratch, task[0], "srcs"))
+    if len(lens) == 0:
+        return time.perf_counter() - t0
+    arr = {name: np.load(_array_path(scratch, name), mmap_mode="r+")
+           for name in ("indptr", "indices", "data", "t_indices")}
+    it = arr["indptr"].dtype
+    loc = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=loc[1:])
+    arr["indptr"][pb + 1:pb + len(lens) + 1] = loc[1:] + eb
+    arr["indices"][eb:eb + len(srcs)] = srcs
+    arr["data"][eb:eb + len(srcs)] = core.entry_weights(lens, job.alpha, job.weights[task[1]])
+    # this chunk's part of M^T: stable counting sort of its entries by source (pairs ascending)
+    Tc = sp.csr_matrix((np.ones(len(srcs), dtype=np.bool_), srcs, loc), shape=(len(lens), job.n_src)).tocsc()
+    tstart = np.load(scratch / "tstart.npy", mmap_mode="r")[k]
+    cnt = np.diff(Tc.indptr)
+    pos = np.repeat(tstart - Tc.indptr[:-1], cnt)
+    pos += np.arange(len(pos), dtype=np.int64)
+    arr["t_indices"][pos] = (Tc.indices.astype(np.int64) + pb).astype(it)
+    if sync:
+        for a in arr.values():
+            a.flush()
+    del arr
+    return time.perf_counter() - t0
+
+
+def finish_layout(job: SideJob, tasks: Sequence[Task], scratch: Path) -> None:
+    """Per-source costs (cheap; from the chunk files)."""
+    costs = np.load(_array_path(scratch, "costs"), mmap_mode="r+")
+    acc = np.zeros(job.n_src)
+    for t in sorted(tasks):
+        acc += core.source_costs(np.load(_chunk_path(scratch, t[0], "lens")),
+                                 np.load(_chunk_path(scratch, t[0], "srcs")), job.n_src)
+    costs[:] = acc
+    costs.flush()
+    del costs
+
+
+def open_stacked(scratch: Path, n_src: int) -> core.StackedPairs:
+    a = {name: np.load(_array_path(scratch, name), mmap_mode="r") for name in _ARRAYS}
+    return core.StackedPairs(n_src, a["indptr"], a["indices"], a["data"], a["t_indptr"], a["t_indices"],
+                             np.asarray(a["costs"]))
+
+
+# -------------------------------------------------------------------------------------------
+# step 3: similarity rows
+# -------------------------------------------------------------------------------------------
+
+def plan_phase2_blocks(costs: np.ndarray, block_flops: float, min_blocks: int = 16) -> float:
+    """Block target: at most ``block_flops``, and at least ``min_blocks`` blocks (balance)."""
+    total = float(np.sum(costs))
+    return max(1.0, min(block_flops, total / min_blocks)) if total > 0 else block_flops
+
+
+def phase2(job: SideJob, scratch: Path, sources: np.ndarray, part_path: Path,
+           next_block: Callable[[], int] | None = None) -> dict[str, Any]:
+    """Similarity rows and top-N for ``sources`` (or the blocks handed out by ``next_block``);
+    writes one Parquet part."""
+    t0 = time.perf_counter()
+    st = open_stacked(scratch, job.n_src)
+    target = plan_phase2_blocks(st.costs, job.block_flops)
+    src, dst, score, rank = core.stacked_topk(st, sources, job.topn, target, next_block)
+    rows = write_part(part_path, src, dst, score, rank, job.topn)
+    return {"part": part_path.name, "rows": rows, "sources_with_neighbors": int(len(np.unique(src))),
+            "seconds": time.perf_counter() - t0}
+
+
+def contiguous_shards(costs: np.ndarray, n_shards: int) -> list[np.ndarray]:
+    """``n_shards`` contiguous ranges of source ids of about equal cost."""
+    n = len(costs)
+    cum = np.cumsum(np.asarray(costs, dtype=np.float64) + 1e-3)
+    cuts = [0] + [int(np.searchsorted(cum, cum[-1] * r / n_shards, side="right")) for r in range(1, n_shards)] + [n]
+    cuts = np.maximum.accumulate(np.minimum(cuts, n))
+    return [np.arange(cuts[r], cuts[r + 1], dtype=np.int64) for r in range(n_shards)]
+
+
+# -------------------------------------------------------------------------------------------
+# pool worker plumbing (module level so that it pickles)
+# -------------------------------------------------------------------------------------------
+
+_JOB: SideJob | None = None
+_COUNTER: Any = None
+
+
+def _init_worker(job: SideJob, counter: Any) -> None:
+    global _JOB, _COUNTER
+    _JOB = job
+    _COUNTER = counter
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def _next_block() -> int:
+    with _COUNTER.get_lock():
+        i = int(_COUNTER.value)
+        _COUNTER.value = i + 1
+    return i
+
+
+def _phase1_pool(args: tuple[Task, str]) -> dict[str, Any]:
     assert _JOB is not None
     return phase1(_JOB, args[0], Path(args[1]))
 
 
-def load_pair_matrices(job: SideJob, tasks: Sequence[tuple[int, int, int, int, int]],
-                       scratch: Path) -> list[core.PairMatrix]:
-    """Assemble each behavior's ``M`` from its chunk files, in chunk order."""
-    pms = []
-    for b in range(len(job.mats)):
-        parts = [tuple(np.load(_chunk_path(scratch, t[0], w)) for w in ("lens", "srcs", "run"))
-                 for t in tasks if t[1] == b]
-        pms.append(core.PairMatrix.from_chunks(job.n_src, parts))
-    return pms
-
-
-def phase2(job: SideJob, tasks: Sequence[tuple[int, int, int, int, int]], scratch: Path,
-           sources: np.ndarray, part_path: Path) -> dict[str, Any]:
-    """Similarity rows and top-N for one shard of sources; writes one Parquet part."""
-    t0 = time.perf_counter()
-    pms = load_pair_matrices(job, tasks, scratch)
-    src, dst, score, rank = core.similarity_topk(pms, job.weights, job.alpha, job.topn, sources,
-                                                 job.block_flops)
-    rows = write_part(part_path, src, dst, score, rank, job.topn)
-    return {"part": part_path.name, "sources": int(len(sources)), "rows": rows,
-            "sources_with_neighbors": int(len(np.unique(src))), "seconds": time.perf_counter() - t0}
-
-
-def _phase2_pool(args: tuple[list, str, np.ndarray, str]) -> dict[str, Any]:
+def _fill_pool(args: tuple[Task, dict, str]) -> float:
     assert _JOB is not None
-    return phase2(_JOB, args[0], Path(args[1]), args[2], Path(args[3]))
+    return fill(_JOB, args[0], args[1], Path(args[2]))
 
 
-def total_costs(job: SideJob, tasks: Sequence[tuple[int, int, int, int, int]], scratch: Path) -> np.ndarray:
-    cost = np.zeros(job.n_src)
-    for t in tasks:
-        c = np.load(_chunk_path(scratch, t[0], "cost"))
-        if job.weights[t[1]] != 0:
-            cost += c
-    return cost
+def _phase2_pool(args: tuple[str, str]) -> dict[str, Any]:
+    assert _JOB is not None
+    return phase2(_JOB, Path(args[0]), np.arange(_JOB.n_src, dtype=np.int64), Path(args[1]), _next_block)
 
 
-def shard_sources(costs: np.ndarray, n_shards: int) -> list[np.ndarray]:
-    """Balanced shards of all source ids (LPT on exact cost; zero-cost sources round-robin)."""
-    assign = core.lpt_assign(costs + 1e-3, n_shards)  # tiny constant: spreads empty rows too
-    return [np.flatnonzero(assign == r) for r in range(n_shards)]
-
-
-def summarize(job: SideJob, p1: list[dict], p2: list[dict], t_enum: float, t_sim: float) -> dict[str, Any]:
+def summarize(job: SideJob, p1: list[dict], p2: list[dict], t_enum: float, t_fill: float, t_sim: float
+              ) -> dict[str, Any]:
     per_b: dict[str, dict[str, Any]] = {}
     for b, name in enumerate(job.behaviors):
         rs = [r for r in p1 if r["behavior"] == b]
@@ -160,7 +285,8 @@ def summarize(job: SideJob, p1: list[dict], p2: list[dict], t_enum: float, t_sim
             "parts": [r["part"] for r in p2], "rows": int(sum(r["rows"] for r in p2)),
             "sources_with_neighbors": int(sum(r["sources_with_neighbors"] for r in p2)),
             "per_behavior": per_b,
-            "timings": {"enumerate_s": round(t_enum, 3), "similarity_s": round(t_sim, 3),
+            "timings": {"enumerate_s": round(t_enum, 3), "layout_s": round(t_fill, 3),
+                        "similarity_s": round(t_sim, 3),
                         "phase2_part_s": [round(r["seconds"], 3) for r in p2]}}
 
 
@@ -184,39 +310,41 @@ def run_side_pool(job: SideJob, part_dir: Path, scratch: Path, workers: int,
     tasks = job.chunks()
     t0 = time.perf_counter()
     order = sorted(tasks, key=lambda t: (-t[4], t[0]))  # biggest first: dynamic load balance
-    bar = _progress(len(tasks) + workers, f"swing {job.side}", progress)
+    bar = _progress(2 * len(tasks) + workers, f"swing {job.side}", progress)
+    parts = [str(part_dir / f"part-{r:05d}.parquet") for r in range(workers)]
     pool = None
+    counter = None
+
+    def tick(x):
+        if bar is not None:
+            bar.update(1)
+        return x
+
     try:
         if workers > 1:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
-            p1 = []
-            for r in pool.imap_unordered(_phase1_pool, [(t, str(scratch)) for t in order]):
-                p1.append(r)
-                if bar is not None:
-                    bar.update(1)
+            counter = ctx.Value("q", 0)
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job, counter))
+            p1 = [tick(r) for r in pool.imap_unordered(_phase1_pool, [(t, str(scratch)) for t in order])]
         else:
-            p1 = []
-            for t in order:
-                p1.append(phase1(job, t, scratch))
-                if bar is not None:
-                    bar.update(1)
+            p1 = [tick(phase1(job, t, scratch)) for t in order]
         t_enum = time.perf_counter() - t0
         t1 = time.perf_counter()
-        shards = shard_sources(total_costs(job, tasks, scratch), workers)
-        args = [(tasks, str(scratch), s, str(part_dir / f"part-{r:05d}.parquet")) for r, s in enumerate(shards)]
-        p2 = []
+        layout = make_layout(job, tasks, p1, scratch)
         if pool is not None:
-            for r in pool.imap_unordered(_phase2_pool, args):
-                p2.append(r)
-                if bar is not None:
-                    bar.update(1)
+            for _ in pool.imap_unordered(_fill_pool, [(t, layout, str(scratch)) for t in order]):
+                tick(None)
         else:
-            for a in args:
-                p2.append(phase2(job, a[0], Path(a[1]), a[2], Path(a[3])))
-                if bar is not None:
-                    bar.update(1)
-        t_sim = time.perf_counter() - t1
+            for t in order:
+                tick(fill(job, t, layout, scratch))
+        finish_layout(job, tasks, scratch)
+        t_fill = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        if pool is not None:
+            p2 = [tick(r) for r in pool.imap_unordered(_phase2_pool, [(str(scratch), p) for p in parts])]
+        else:
+            p2 = [tick(phase2(job, scratch, np.arange(job.n_src, dtype=np.int64), Path(parts[0])))]
+        t_sim = time.perf_counter() - t2
     finally:
         if pool is not None:
             pool.terminate()
@@ -224,7 +352,7 @@ def run_side_pool(job: SideJob, part_dir: Path, scratch: Path, workers: int,
         if bar is not None:
             bar.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    return summarize(job, p1, p2, t_enum, t_sim)
+    return summarize(job, p1, p2, t_enum, t_fill, t_sim)
 
 
 def run_side_rank(job: SideJob, part_dir: Path, scratch: Path, rank: int, world: int,
@@ -232,7 +360,7 @@ def run_side_rank(job: SideJob, part_dir: Path, scratch: Path, rank: int, world:
     """One torchrun rank's share of one side; returns the summary on rank 0 only.
 
     ``barrier`` must synchronise all ranks (gloo barrier).  Every rank derives the same
-    chunk plan and shard assignment from the data, so no task list is communicated.
+    chunk plan, layout and shards from the data, so no task list is communicated.
     """
     if rank == 0:
         scratch.mkdir(parents=True, exist_ok=True)
@@ -247,30 +375,41 @@ def run_side_rank(job: SideJob, part_dir: Path, scratch: Path, rank: int, world:
     barrier()
     t_enum = time.perf_counter() - t0
     t1 = time.perf_counter()
-    shards = shard_sources(total_costs(job, tasks, scratch), world)
-    p2 = phase2(job, tasks, scratch, shards[rank], part_dir / f"part-{rank:05d}.parquet")
-    _save_json(scratch / f"phase2-rank{rank:05d}.json", [p2])
-    barrier()
-    t_sim = time.perf_counter() - t1
-    if rank != 0:
-        return None
     all1: list[dict] = []
-    all2: list[dict] = []
     for r in range(world):
         all1 += _load_json(scratch / f"phase1-rank{r:05d}.json")
+    if rank == 0:
+        layout = make_layout(job, tasks, all1, scratch)
+    barrier()
+    layout = _load_json(scratch / "layout.json")
+    for t in mine:
+        fill(job, t, layout, scratch, sync=True)
+    if rank == 0:
+        finish_layout(job, tasks, scratch)
+    barrier()
+    t_fill = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    costs = np.load(_array_path(scratch, "costs"))
+    shard = contiguous_shards(costs, world)[rank]
+    p2 = phase2(job, scratch, shard, part_dir / f"part-{rank:05d}.parquet")
+    _save_json(scratch / f"phase2-rank{rank:05d}.json", [p2])
+    barrier()
+    t_sim = time.perf_counter() - t2
+    if rank != 0:
+        return None
+    all2: list[dict] = []
+    for r in range(world):
         all2 += _load_json(scratch / f"phase2-rank{r:05d}.json")
-    summary = summarize(job, all1, all2, t_enum, t_sim)
+    summary = summarize(job, all1, all2, t_enum, t_fill, t_sim)
     shutil.rmtree(scratch, ignore_errors=True)
     return summary
 
 
 def _save_json(path: Path, obj: Any) -> None:
-    import json
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
 
 
 def _load_json(path: Path) -> Any:
-    import json
     return json.loads(path.read_text())
