@@ -275,15 +275,39 @@ def test_fast_batched_backward_matches_autograd_per_task(view_mode, use_cdm, int
     views = make_views(gs[-1], "node", 0.5, 2020, 0, dtype=D)
     names = step.tasks + ["reg"]
     m.train()
-    slow = step.compute_losses(batch, adjs, views, make_generator(1, 0, 0, "dropout"))
-    want = {n: torch.autograd.grad(slow[n], step.params, retain_graph=True, allow_unused=True) for n in names}
-    fast, ctx = step._fast_forward(batch, adjs, views, make_generator(1, 0, 0, "dropout"))
-    for n in names:
-        assert torch.allclose(fast[n], slow[n], rtol=1e-12, atol=1e-12), n
-    got = step._fast_grads(fast, names, ctx)
     pnames = [k for k, p in m.named_parameters() if p.requires_grad]
-    for n in names:
-        for pn, a, b in zip(pnames, got[n], want[n]):
-            assert (a is None) == (b is None), (n, pn)
-            if a is not None:
-                assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (n, pn, (a - b).abs().max())
+    # twice: the second pass runs on the tapes' reused workspace buffers (stale contents must not leak)
+    for seed in (1, 2):
+        slow = step.compute_losses(batch, adjs, views, make_generator(seed, 0, 0, "dropout"))
+        want = {n: torch.autograd.grad(slow[n], step.params, retain_graph=True, allow_unused=True) for n in names}
+        fast, ctx = step._fast_forward(batch, adjs, views, make_generator(seed, 0, 0, "dropout"))
+        for n in names:
+            assert torch.allclose(fast[n], slow[n], rtol=1e-12, atol=1e-12), n
+        got = step._fast_grads(fast, names, ctx)
+        for n in names:
+            for pn, a, b in zip(pnames, got[n], want[n]):
+                assert (a is None) == (b is None), (n, pn)
+                if a is not None:
+                    assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (n, pn, (a - b).abs().max())
+
+
+def test_sparse_op_mm_into_accumulates_and_checks_shapes():
+    """``_SparseOp.mm_into`` (scipy's in-place kernel) = A @ x / Aᵀ @ x, written or added into
+    a slice of a larger buffer; wrong shapes raise instead of reaching the unchecked kernel."""
+    from mbssl_dist.model.mbssl import sparse_op
+
+    g = torch.Generator().manual_seed(3)
+    dense = torch.rand(7, 5, generator=g, dtype=D) * (torch.rand(7, 5, generator=g, dtype=D) > 0.5)
+    op = sparse_op(dense.to_sparse_csr())
+    x = torch.randn(5, 3, generator=g, dtype=D)
+    buf = torch.full((2, 7, 3), 4.0, dtype=D)
+    op.mm_into(x, buf[1])
+    assert torch.allclose(buf[1], dense @ x) and bool((buf[0] == 4.0).all())
+    op.mm_into(x, buf[1], accumulate=True)
+    assert torch.allclose(buf[1], 2 * dense @ x)
+    y = torch.randn(7, 3, generator=g, dtype=D)
+    out = torch.empty(5, 3, dtype=D)
+    op.mm_into(y, out, transpose=True)
+    assert torch.allclose(out, dense.T @ y)
+    with pytest.raises(ValueError):
+        op.mm_into(y, torch.empty(7, 3, dtype=D))

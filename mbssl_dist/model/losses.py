@@ -20,6 +20,7 @@ is the same constant on every rank) and the shift is added back in the log.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -198,42 +199,60 @@ def _lookup(candidate_ids: torch.Tensor | None, n_cand: int, ids: torch.Tensor) 
     return order[pos], ok
 
 
-_CHUNK_ELEMS = 1 << 22  # logits entries materialized at once (16 MiB in float32)
+_CHUNK_ELEMS = 1 << 21  # logits entries materialized at once (8 MiB in float32)
+
+
+def _row_chunks(A: int, C: int, rows: torch.Tensor | None):
+    """(start, end, slice of the row-sorted FN pairs) of every row chunk of an [A, C] matrix."""
+    step = max(1, _CHUNK_ELEMS // max(C, 1))
+    for s in range(0, A, step):
+        e = min(A, s + step)
+        sel = None
+        if rows is not None:
+            lo, hi = torch.searchsorted(rows, torch.tensor([s, e], dtype=rows.dtype, device=rows.device)).tolist()
+            sel = slice(lo, hi)
+        yield s, e, sel
+
+
+_UNSHIFTED_MAX_INV_T = 60.0  # exp(cos/τ) ≤ e^60 is far from float32 overflow (e^88)
+
+
+def _exp_block(za_t, zc, s, e, rows, cols, sel, inv_t, fill, shift: bool = True):
+    """exp((za[s:e]·zcᵀ − 1)·inv_t) with the FN entries set to ``fill``; ``za_t`` = za·inv_t
+    (one fused ``addmm`` for the shifted logits, then one in-place exp). ``shift=False``:
+    exp(za[s:e]·zcᵀ·inv_t), one plain ``mm`` (no pass to broadcast the shift into the output)."""
+    if shift:
+        E = torch.addmm(za_t.new_full((), -inv_t), za_t[s:e], zc.T).exp_()
+    else:
+        E = torch.mm(za_t[s:e], zc.T).exp_()
+    if sel is not None and sel.stop > sel.start:
+        E[rows[sel] - s, cols[sel]] = fill
+    return E
+
+
+def _sort_pairs(rows, cols):
+    if rows is None:
+        return None, None
+    order = torch.argsort(rows, stable=True)
+    return rows[order], cols[order]
 
 
 class _ExpSum(torch.autograd.Function):
     """den[a] = Σ_c exp((za[a]·zc[c] − 1)·inv_t) with the (rows, cols) entries replaced by the
     constant ``fill``; computed over row chunks of the [A, C] logits and recomputed in the
     backward, so no A x C matrix is kept (memory O(chunk·C) instead of several A x C tensors).
-    Same math as ``exp(...).index_put(...).sum(1)``: the replaced entries have zero gradient."""
-
-    @staticmethod
-    def _chunks(A: int, C: int, rows: torch.Tensor | None):
-        step = max(1, _CHUNK_ELEMS // max(C, 1))
-        for s in range(0, A, step):
-            e = min(A, s + step)
-            sel = None
-            if rows is not None:
-                lo, hi = torch.searchsorted(rows, torch.tensor([s, e], dtype=rows.dtype, device=rows.device)).tolist()
-                sel = slice(lo, hi)
-            yield s, e, sel
-
-    @staticmethod
-    def _block(za, zc, s, e, rows, cols, sel, inv_t, fill):
-        E = torch.mm(za[s:e], zc.T).sub_(1.0).mul_(inv_t).exp_()
-        if sel is not None and sel.stop > sel.start:
-            E[rows[sel] - s, cols[sel]] = fill
-        return E
+    Same math as ``exp(...).index_put(...).sum(1)``: the replaced entries have zero gradient.
+    Used where ``den`` is all-reduced before the log (sharded candidates); otherwise
+    :class:`_LogDenSum` does forward and gradient in one sweep."""
 
     @staticmethod
     def forward(ctx, za, zc, rows, cols, fill, inv_t):  # type: ignore[override]
-        if rows is not None:
-            order = torch.argsort(rows, stable=True)
-            rows, cols = rows[order], cols[order]
+        rows, cols = _sort_pairs(rows, cols)
         A, C = za.shape[0], zc.shape[0]
         den = za.new_empty(A)
-        for s, e, sel in _ExpSum._chunks(A, C, rows):
-            den[s:e] = _ExpSum._block(za, zc, s, e, rows, cols, sel, inv_t, fill).sum(1)
+        za_t = za * inv_t
+        for s, e, sel in _row_chunks(A, C, rows):
+            torch.sum(_exp_block(za_t, zc, s, e, rows, cols, sel, inv_t, fill), 1, out=den[s:e])
         ctx.save_for_backward(za, zc, rows, cols)
         ctx.inv_t = inv_t
         return den
@@ -245,12 +264,65 @@ class _ExpSum(torch.autograd.Function):
         A, C = za.shape[0], zc.shape[0]
         gza = torch.empty_like(za)
         gzc = torch.zeros_like(zc)
-        for s, e, sel in _ExpSum._chunks(A, C, rows):
-            E = _ExpSum._block(za, zc, s, e, rows, cols, sel, inv_t, 0.0)  # fill entries are constants
-            E.mul_(g[s:e].unsqueeze(1) * inv_t)
-            gza[s:e] = E @ zc
-            gzc.addmm_(E.T, za[s:e])
+        za_t = za * inv_t
+        gs = (g * inv_t).unsqueeze(1)  # row scale of dE: applied to the [A, d] factors, not to E
+        zag = za * gs
+        for s, e, sel in _row_chunks(A, C, rows):
+            E = _exp_block(za_t, zc, s, e, rows, cols, sel, inv_t, 0.0)  # fill entries are constants
+            torch.mm(E, zc, out=gza[s:e])
+            gzc.addmm_(E.T, zag[s:e])
+        gza.mul_(gs)
         return gza, gzc, None, None, None, None
+
+
+class _LogDenSum(torch.autograd.Function):
+    """Σ_a w[a] · log(den[a] + extra), den as in :class:`_ExpSum`, for candidates held
+    completely by this rank. The gradient only needs each row's own ``den``, which is known as
+    soon as the row's chunk is summed, so forward and gradient are ONE sweep over the [A, C]
+    logits: per chunk one ``addmm`` (logits), one exp, one row sum, two ``mm`` (dza, dzc) --
+    instead of recomputing logits and exp in the backward. The backward only scales the
+    stored gradients by the incoming scalar. Same math as ``(w * log(_ExpSum + extra)).sum()``."""
+
+    @staticmethod
+    def forward(ctx, za, zc, rows, cols, fill, inv_t, w, extra):  # type: ignore[override]
+        rows, cols = _sort_pairs(rows, cols)
+        A, C = za.shape[0], zc.shape[0]
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        za_t = za * inv_t
+        total = za.new_zeros((), dtype=torch.float64)
+        gza = torch.empty_like(za) if need else None
+        gzc = torch.zeros_like(zc) if need else None
+        # cos ≤ 1, so for moderate 1/τ the unshifted exp(cos/τ) cannot overflow: den' = e^{1/τ}·den,
+        # log den = log den' − 1/τ, and the gradient (E / den) is unchanged
+        shift = inv_t > _UNSHIFTED_MAX_INV_T
+        if not shift:
+            fill = fill * math.exp(inv_t)
+            extra = extra * math.exp(inv_t)
+        for s, e, sel in _row_chunks(A, C, rows):
+            E = _exp_block(za_t, zc, s, e, rows, cols, sel, inv_t, fill, shift)
+            den = E.sum(1)
+            if extra:
+                den += extra
+            wa = w[s:e]
+            total += (wa * den.log()).sum(dtype=torch.float64)
+            if need:
+                if sel is not None and fill != 0.0 and sel.stop > sel.start:
+                    E[rows[sel] - s, cols[sel]] = 0.0  # constants: no gradient
+                gs = (wa * inv_t / den).unsqueeze(1)
+                torch.mm(E, zc, out=gza[s:e])
+                gza[s:e].mul_(gs)
+                gzc.addmm_(E.T, za[s:e] * gs)
+        if not shift:
+            total -= inv_t * w.sum(dtype=torch.float64)
+        ctx.grads = (gza, gzc)
+        return total.to(za.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # type: ignore[override]
+        gza, gzc = ctx.grads  # kept (not popped): the graph may be walked more than once
+        return (None if gza is None else gza * g, None if gzc is None else gzc * g,
+                None, None, None, None, None, None)
 
 
 def info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: torch.Tensor, tau: float,
@@ -305,16 +377,23 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: torch.Ten
             fill = 0.0 if fn_mode == "remove" else float(torch.exp(torch.tensor(-inv_t, dtype=torch.float64)))
         else:
             rows = cols = None
-    den = _ExpSum.apply(ZA, zc, rows, cols, fill, inv_t)  # Σ_c exp((cos(a, c) − 1)/τ), FN entries = fill
-    if dist:
-        den = comm.all_reduce_sum(den)
-    if extra_zero_logits:
-        den = den + extra_zero_logits * float(torch.exp(torch.tensor(-inv_t, dtype=torch.float64)))
-    den_loc = den[offset: offset + n_loc]
+    extra = extra_zero_logits * float(torch.exp(torch.tensor(-inv_t, dtype=torch.float64))) if extra_zero_logits else 0.0
+    w = meta.weight.to(za.dtype) if meta is not None and meta.weight is not None else None
     pos = (za * zp).sum(1) * inv_t
+    if not dist:
+        # Σ_c exp((cos(a, c) − 1)/τ) (FN entries = fill), log, weighted sum: one sweep with its gradient
+        w1 = w if w is not None else za.new_ones(n_loc)
+        log_term = _LogDenSum.apply(za, zc, rows, cols, fill, inv_t, w1.detach(), extra)
+        lin = inv_t - pos
+        return log_term + (lin * w).sum() if w is not None else log_term + lin.sum()
+    den = _ExpSum.apply(ZA, zc, rows, cols, fill, inv_t)  # Σ_c exp((cos(a, c) − 1)/τ), FN entries = fill
+    den = comm.all_reduce_sum(den)
+    if extra:
+        den = den + extra
+    den_loc = den[offset: offset + n_loc]
     per = torch.log(den_loc) + inv_t - pos
-    if meta is not None and meta.weight is not None:
-        per = per * meta.weight.to(per.dtype)
+    if w is not None:
+        per = per * w
     return per.sum()
 
 

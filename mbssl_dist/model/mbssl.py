@@ -65,6 +65,12 @@ def _xavier_bound(fan_in: int, fan_out: int) -> float:
     return math.sqrt(6.0 / (fan_in + fan_out))
 
 
+try:  # scipy's in-place CSR x dense kernel (Y += A X); private, so guarded
+    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
+except Exception:  # pragma: no cover
+    _csr_matvecs = None
+
+
 class _SparseOp:
     """A constant sparse matrix with a cached transpose, for ``A @ x`` with autograd w.r.t. x.
 
@@ -91,6 +97,30 @@ class _SparseOp:
                                 a.crow_indices().numpy()), shape=self.shape)
             self._sp[key] = (m, m.T.tocsr())
         return self._sp[key]
+
+    def mm_into(self, x: torch.Tensor, out: torch.Tensor, transpose: bool = False, accumulate: bool = False) -> None:
+        """``out (+)= A @ x`` (or Aᵀ) written in place into a contiguous ``out``: on CPU through
+        scipy's ``csr_matvecs`` kernel directly (it accumulates into its output), so there is no
+        fresh result array (page faults on every call for large outputs) and no copy."""
+        if (x.device.type == "cpu" and self.a.layout == torch.sparse_csr and out.is_contiguous()
+                and out.dtype == x.dtype and _csr_matvecs is not None):
+            m, mt = self._scipy(x.dtype)
+            a = mt if transpose else m
+            xn = x.detach().contiguous().numpy()
+            n_vecs = xn.shape[1] if xn.ndim == 2 else 1
+            if xn.shape[0] != a.shape[1] or out.shape[0] != a.shape[0] or out.numel() != a.shape[0] * n_vecs:
+                # the raw kernel does no bounds checks
+                raise ValueError(f"mm_into: {tuple(a.shape)} @ {tuple(x.shape)} -> {tuple(out.shape)}")
+            if not accumulate:
+                out.zero_()
+            _csr_matvecs(a.shape[0], a.shape[1], n_vecs, a.indptr, a.indices, a.data, xn.ravel(),
+                         out.detach().numpy().reshape(-1))
+            return
+        r = self.mm(x, transpose)
+        if accumulate:
+            out.add_(r)
+        else:
+            out.copy_(r)
 
     def mm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         if x.device.type == "cpu" and self.a.layout == torch.sparse_csr:

@@ -34,7 +34,7 @@ from ..parallel.comm import Comm, LocalComm
 from .hmg import HMG
 from .losses import (Anchors, InteractionTerms, InterBehaviorInfoNCE, IntraBehaviorInfoNCE, NonSamplingLoss)
 from .mbssl import MBSSL, Adjacency
-from .tape import MainTape, ViewTape, add_grads, zero_grads
+from .tape import MainTape, ViewTape, add_grads, workspace, zero_grads
 
 ReduceGrads = Callable[[list, list], list]
 
@@ -331,10 +331,10 @@ class TrainStep:
         if cfg.use_intra:
             self._check_views(view_adjs)
             if cfg.view_mode == "target":
-                vtapes = [ViewTape(m, main, va, comm) for va in view_adjs]
+                vtapes = [ViewTape(m, main, va, comm, tag=f"tview{i}") for i, va in enumerate(view_adjs)]
                 views = [t.forward(ego0, generator) for t in vtapes]
             elif cfg.view_mode == "full":
-                vtapes = [MainTape(m, list(adjs[:-1]) + [va], comm) for va in view_adjs]
+                vtapes = [MainTape(m, list(adjs[:-1]) + [va], comm, tag=f"view{i}") for i, va in enumerate(view_adjs)]
                 views = [t.forward(rel[:L], ego0, generator)[K - 1] for t in vtapes]
             else:
                 raise ValueError(f"unknown view mode {cfg.view_mode!r}")
@@ -356,7 +356,8 @@ class TrainStep:
         leaves = [users, items] + list(views) + [relations] + direct
         T = len(names)
         dt = users.dtype
-        g_out = torch.zeros(K, N, T, d, dtype=dt, device=users.device)
+        # the reverse pass's input stack: a reused workspace buffer (a fresh one pays page faults)
+        g_out = workspace(m).get("g_out", (K, N, T, d), dt, users.device).zero_()
         touch = [False] * T
         touch_view = [False] * T
         g_rel_out: list = [None] * T

@@ -40,7 +40,37 @@ def _slope(h: torch.Tensor) -> torch.Tensor:
     return torch.full_like(h, SLOPE).masked_fill_(h > 0, 1.0)
 
 
-def _drop_mask(model: MBSSL, head: tuple[int, ...], generator, dtype, device) -> torch.Tensor | None:
+class Workspace:
+    """Named scratch buffers kept between steps. The reverse pass works on [K, N, T, d] stacks
+    of tens of MB; a fresh allocation of that size is an mmap whose every page faults on first
+    touch (measured: ~10x the cost of a pass over a reused buffer), so the tapes take their
+    large buffers from here. A buffer is only valid until the next step asks for it again."""
+
+    def __init__(self) -> None:
+        self.buf: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype, device) -> torch.Tensor:
+        n = 1
+        for x in shape:
+            n *= int(x)
+        t = self.buf.get(name)
+        if t is None or t.dtype != dtype or t.device != torch.device(device) or t.numel() < n:
+            t = torch.empty(n, dtype=dtype, device=device)
+            self.buf[name] = t
+        return t[:n].view(shape)
+
+
+def workspace(model: MBSSL) -> Workspace:
+    """The model's tape workspace (per model object, so per rank)."""
+    ws = getattr(model, "_tape_ws", None)
+    if ws is None:
+        ws = Workspace()
+        object.__setattr__(model, "_tape_ws", ws)
+    return ws
+
+
+def _drop_mask(model: MBSSL, head: tuple[int, ...], generator, dtype, device,
+               out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Inverted-dropout multipliers [*head, N, d] (users first): the same draws as
     ``MBSSL._drop_mask`` (global user rows drawn, local rows selected), without the extra cat."""
     if not model.training or model.dropout <= 0.0:
@@ -51,7 +81,8 @@ def _drop_mask(model: MBSSL, head: tuple[int, ...], generator, dtype, device) ->
     n_u, n_i = model.n_users, model.n_items
     scale = 1.0 / (1.0 - p)
     dev = generator.device
-    out = torch.empty(head + (n_u + n_i, d), dtype=dtype, device=device)
+    if out is None:
+        out = torch.empty(head + (n_u + n_i, d), dtype=dtype, device=device)
     ax = len(head)
     mu = torch.rand(head + (model.n_users_global, d), generator=generator, device=dev)
     if model.user_ids is not None and not _identity_ids(model):
@@ -86,41 +117,46 @@ class _Saved:
 
 class _Messages:
     """Â x per behavior (users from items, items from users) and its transpose, for a list of
-    (A_ui, A_iu) pairs; the item half goes through ``comm`` (partial sums over ranks)."""
+    (A_ui, A_iu) pairs; the item half goes through ``comm`` (partial sums over ranks). Products
+    are written in place into the caller's buffers (``_SparseOp.mm_into``)."""
 
     def __init__(self, adjs: Sequence[Adjacency], n_users: int, comm: Comm) -> None:
         self.ops = [(sparse_op(a_ui), sparse_op(a_iu)) for a_ui, a_iu in adjs]
         self.n_u = n_users
         self.comm = comm
 
-    def forward(self, x: torch.Tensor, shared: bool) -> torch.Tensor:
-        """x: [K, N, d], or [N, d] used by every behavior when ``shared``. Returns [K, N, d]."""
+    def forward(self, x: torch.Tensor, shared: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [K, N, d], or [N, d] used by every behavior when ``shared``. Returns [K, N, d]
+        (into ``out`` when given)."""
         n_u, K = self.n_u, len(self.ops)
         d = x.shape[-1]
         N = x.shape[-2]
-        out = torch.empty(K, N, d, dtype=x.dtype, device=x.device)
+        if out is None:
+            out = torch.empty(K, N, d, dtype=x.dtype, device=x.device)
         for k, (op_ui, op_iu) in enumerate(self.ops):
             xk = x if shared else x[k]
-            out[k, :n_u] = op_ui.mm(xk[n_u:])
-            out[k, n_u:] = op_iu.mm(xk[:n_u])
+            op_ui.mm_into(xk[n_u:], out[k, :n_u])
+            op_iu.mm_into(xk[:n_u], out[k, n_u:])
         if self.comm.world_size > 1:
             mi = out[:, n_u:].contiguous()
             self.comm.all_reduce_sum_(mi)
             out[:, n_u:] = mi
         return out
 
-    def backward(self, g: torch.Tensor) -> torch.Tensor:
-        """g: [K, N, C] cotangent of the messages (C = T·d columns). Returns [K, N, C]."""
+    def backward(self, g: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+        """g: [K, N, C] cotangent of the messages (C = T·d columns). Returns [K, N, C]: into
+        ``out`` when given, added to its contents when ``accumulate``."""
         n_u = self.n_u
-        K, N, C = g.shape
         gi = g[:, n_u:]
         if self.comm.world_size > 1:
             gi = gi.contiguous()
             self.comm.all_reduce_sum_(gi)
-        out = torch.empty_like(g)
+        if out is None:
+            out = torch.empty_like(g)
+            accumulate = False
         for k, (op_ui, op_iu) in enumerate(self.ops):
-            out[k, n_u:] = op_ui.mm(g[k, :n_u], transpose=True)
-            out[k, :n_u] = op_iu.mm(gi[k], transpose=True)
+            op_ui.mm_into(g[k, :n_u], out[k, n_u:], transpose=True, accumulate=accumulate)
+            op_iu.mm_into(gi[k], out[k, :n_u], transpose=True, accumulate=accumulate)
         return out
 
 
@@ -154,12 +190,18 @@ def add_grads(into: TapeGrads, other: TapeGrads, task: int | None = None) -> Non
 
 
 class MainTape:
-    """The K-behavior propagation of :meth:`MBSSL.forward` with a batched reverse pass."""
+    """The K-behavior propagation of :meth:`MBSSL.forward` with a batched reverse pass.
+    ``tag`` names this tape's workspace buffers (each tape of a step needs its own)."""
 
-    def __init__(self, model: MBSSL, adjs: Sequence[Adjacency], comm: Comm) -> None:
+    def __init__(self, model: MBSSL, adjs: Sequence[Adjacency], comm: Comm, tag: str = "main") -> None:
         self.model = model
         self.msg = _Messages(adjs, model.n_users, comm)
         self.layers: list[_Saved] = []
+        self.ws = workspace(model)
+        self.tag = tag
+
+    def _buf(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        return self.ws.get(f"{self.tag}/{name}", tuple(shape), like.dtype, like.device)
 
     @torch.no_grad()
     def forward(self, rel: Sequence[torch.Tensor], ego0: torch.Tensor, generator) -> torch.Tensor:
@@ -172,32 +214,32 @@ class MainTape:
         x = ego0
         acc = None
         for l in range(L):
-            msg = self.msg.forward(x, shared=l == 0)
+            msg = self.msg.forward(x, shared=l == 0, out=self._buf(f"m{l}", (K, N, d), ego0))
             Wp = self.rel[l].unsqueeze(-1) * m.W_gc[l].detach().unsqueeze(0)  # [K, d, d]
-            h = torch.bmm(msg, Wp)
+            h = torch.bmm(msg, Wp, out=self._buf(f"h{l}", (K, N, d), ego0))
             F.leaky_relu_(h, SLOPE)
             sv = _Saved(msg, h, None)
+            e = self._buf(f"e{l % 2}", (K, N, d), ego0)
             if m.use_cdm:
                 a = m.att_dim
                 w1 = m.att_w1.detach().permute(1, 0, 2).reshape(d, K * a)
-                t = torch.tanh(h.view(K * N, d) @ w1)  # [(j, n), (i, a)]
+                t = torch.mm(h.view(K * N, d), w1, out=self._buf(f"t{l}", (K * N, K * a), ego0)).tanh_()
                 logits = (t.view(K * N, K, a) * m.att_w2.detach()).sum(-1).view(K, N, K)  # [j, n, i]
                 att = torch.softmax(logits, dim=0)
-                e = torch.empty_like(h)
                 for i in range(K):
-                    e[i].copy_(h[0]).mul_(att[0, :, i, None])
+                    torch.mul(h[0], att[0, :, i, None], out=e[i])
                     for j in range(1, K):
                         e[i].addcmul_(h[j], att[j, :, i, None])
                 sv.t, sv.att, sv.logits = t, att, logits
             else:
-                e = h.clone()
-            sv.mask = _drop_mask(m, (K,), generator, e.dtype, e.device)
+                e.copy_(h)
+            sv.mask = _drop_mask(m, (K,), generator, e.dtype, e.device, out=self._buf(f"mask{l}", (K, N, d), ego0))
             if sv.mask is not None:
                 e.mul_(sv.mask)
             self.layers.append(sv)
             x = e
             if acc is None:
-                acc = e.clone()
+                acc = self._buf("acc", (K, N, d), ego0).copy_(e)
             else:
                 acc.add_(e)
         out = ego0.unsqueeze(0).expand(K, N, d) if acc is None else acc.add_(ego0.unsqueeze(0))
@@ -206,9 +248,16 @@ class MainTape:
     @torch.no_grad()
     def backward(self, g_out: torch.Tensor, extra_h: list | None = None, extra_logits: list | None = None,
                  extra_task: int = 0) -> TapeGrads:
-        """g_out: [K, N, T, d] cotangents of the readout. extra_h[l]: [K-1, N, d] and
-        extra_logits[l]: [K-1, N] cotangents of layer l's auxiliary pre-CDM h_j and of the
-        logits (j, target column) coming from target-mode views, added to task ``extra_task``."""
+        """g_out: [K, N, T, d] cotangents of the readout (the caller's scratch: scaled in place).
+        extra_h[l]: [K-1, N, d] and extra_logits[l]: [K-1, N] cotangents of layer l's auxiliary
+        pre-CDM h_j and of the logits (j, target column) coming from target-mode views, added to
+        task ``extra_task``.
+
+        Per layer (reverse): g_e = (g_acc + g_next) ⊙ mask; CDM: g_h = Σ_i att_ji g_e_i plus the
+        attention path; g_z = g_h ⊙ LeakyReLU'; parameter cotangents from g_z; g_m = g_z Wpᵀ; and
+        the next g_next is written by the SpMMs straight into a buffer pre-filled with g_acc
+        (scipy's kernel accumulates), so the add of the readout cotangent costs no extra pass.
+        All [K, N, T, *] stacks live in the workspace (no page faults after the first step)."""
         m = self.model
         K, L, d = m.n_behaviors, m.n_layers, m.dim
         _, N, T, _ = g_out.shape
@@ -223,23 +272,22 @@ class MainTape:
             gw2 = torch.zeros(T, K, a, dtype=dt, device=dev)
             w1 = m.att_w1.detach().permute(1, 0, 2).reshape(d, K * a)
             w2 = m.att_w2.detach()
-        g_acc = g_out.div_(L + 1)  # g_out is the caller's scratch: scaled in place (no copy)
-        g_next = None
+        g_acc = g_out.div_(L + 1)
+        g_e = self._buf("gE", (K, N, T, d), g_out).copy_(g_acc)  # = g_acc + g_next (no g_next on top)
+        gh_buf = self._buf("gH", (K, N, T, d), g_out)
+        gm_buf = self._buf("gM", (K, N * T, d), g_out)
+        slope = self._buf("slope", (K, N, d), g_out)
         for l in reversed(range(L)):
             sv = self.layers[l]
-            if g_next is None:
-                g_e = g_acc.clone()
-            else:
-                g_e = g_next.add_(g_acc)
             if sv.mask is not None:
                 g_e.mul_(sv.mask.unsqueeze(2))
             h = sv.h
             if m.use_cdm:
                 att = sv.att  # [j, n, i]
                 # e_i = Σ_j att[j, :, i] h_j
-                g_h = torch.empty_like(g_e)
+                g_h = gh_buf
                 for j in range(K):
-                    g_h[j].copy_(g_e[0]).mul_(att[j, :, 0, None, None])
+                    torch.mul(g_e[0], att[j, :, 0, None, None], out=g_h[j])
                     for i in range(1, K):
                         g_h[j].addcmul_(g_e[i], att[j, :, i, None, None])
                 # g_att[i, n, t, j] = <g_e[i, n, t], h[j, n]>
@@ -251,33 +299,34 @@ class MainTape:
                 if extra_logits is not None and extra_logits[l] is not None:
                     g_log[K - 1, :, extra_task, :K - 1] += extra_logits[l].T
                 g_log = g_log.permute(3, 1, 2, 0).contiguous()  # [j, n, T, i]
-                tv = sv.t.view(K, N, 1, K, a)
-                g_u = g_log.unsqueeze(-1) * w2  # [j, n, T, i, a]
-                gw2 += torch.einsum("jnti,jnia->tia", g_log, sv.t.view(K, N, K, a))
-                g_u.mul_(1.0 - tv * tv)
-                g_u = g_u.view(K * N, T, K * a)
+                tk = sv.t.view(K, N, K, a)
+                gw2 += torch.einsum("jnti,jnia->tia", g_log, tk)
+                # d logits / d u = w2_i ⊙ (1 − t²): task-independent, formed once per layer
+                dsc = (1.0 - tk * tk).mul_(w2).unsqueeze(2)  # [j, n, 1, i, a]
+                g_u = torch.mul(g_log.unsqueeze(-1), dsc,
+                                out=self._buf("gU", (K, N, T, K, a), g_out))  # [j, n, T, i, a]
+                del dsc, g_att, s
                 gw1 += (h.view(K * N, d).T @ g_u.view(K * N, T * K * a)).view(d, T, K, a).permute(1, 2, 0, 3)
                 g_h.view(K * N * T, d).addmm_(g_u.view(K * N * T, K * a), w1.T)
-                del g_u, g_log, g_att
+                del g_u, g_log
             else:
                 g_h = g_e
             if extra_h is not None and extra_h[l] is not None:
                 g_h[:K - 1, :, extra_task] += extra_h[l]
-            g_h.mul_(_slope(h).unsqueeze(2))  # = g_z
+            slope.fill_(SLOPE).masked_fill_(h > 0, 1.0)
+            g_h.mul_(slope.unsqueeze(2))  # = g_z
             W = m.W_gc[l].detach()
             r = self.rel[l]
             gWp = torch.bmm(sv.m.transpose(1, 2), g_h.view(K, N, T * d)).view(K, d, T, d)  # [k, c, t, e]
             gW[l] = torch.einsum("kc,kcte->tce", r, gWp)
             grel[l] = torch.einsum("kcte,ce->tkc", gWp, W)
             Wp = r.unsqueeze(-1) * W.unsqueeze(0)
-            g_m = torch.bmm(g_h.view(K, N * T, d), Wp.transpose(1, 2).contiguous())  # [K, N*T, d]
-            del g_h, g_e
-            g_next = self.msg.backward(g_m.view(K, N, T * d)).view(K, N, T, d)
-            del g_m
-        if g_next is None:
-            g_ego = g_out.sum(0).mul_(L + 1)
-        else:
-            g_ego = g_next.sum(0).add_(g_acc.sum(0))
+            g_m = torch.bmm(g_h.view(K, N * T, d), Wp.transpose(1, 2).contiguous(), out=gm_buf)  # [K, N*T, d]
+            del g_h
+            # g_e of layer l-1 (or the ego cotangent) = g_acc + Âᵀ g_m
+            g_e.copy_(g_acc)
+            self.msg.backward(g_m.view(K, N, T * d), out=g_e.view(K, N, T * d), accumulate=True)
+        g_ego = g_e.sum(0) if L > 0 else g_acc.sum(0)
         return TapeGrads(g_ego, gW, grel, gw1, gw2)
 
 
@@ -286,24 +335,30 @@ class ViewTape:
     behavior propagated over the view, the auxiliary h_j (and, with the CDM, their attention
     logits, identical by construction) taken from the main propagation. Single task."""
 
-    def __init__(self, model: MBSSL, main: MainTape, view_adj: Adjacency, comm: Comm) -> None:
+    def __init__(self, model: MBSSL, main: MainTape, view_adj: Adjacency, comm: Comm, tag: str = "tview") -> None:
         self.model = model
         self.main = main
         self.msg = _Messages([view_adj], model.n_users, comm)
         self.layers: list[_Saved] = []
+        self.ws = workspace(model)
+        self.tag = tag
+
+    def _buf(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        return self.ws.get(f"{self.tag}/{name}", tuple(shape), like.dtype, like.device)
 
     @torch.no_grad()
     def forward(self, ego0: torch.Tensor, generator) -> torch.Tensor:
         m, main = self.model, self.main
         K, L, d = m.n_behaviors, m.n_layers, m.dim
         cdm = m.use_cdm and K > 1
+        N = ego0.shape[0]
         x = ego0
-        acc = ego0.clone()
+        acc = self._buf("acc", (N, d), ego0).copy_(ego0)
         self.layers = []
         for l in range(L):
-            msg = self.msg.forward(x, shared=True)[0]  # [N, d]
+            msg = self.msg.forward(x, shared=True, out=self._buf(f"m{l}", (1, N, d), ego0))[0]  # [N, d]
             Wp = main.rel[l][K - 1].unsqueeze(-1) * m.W_gc[l].detach()
-            h = msg @ Wp
+            h = torch.mm(msg, Wp, out=self._buf(f"h{l}", (N, d), ego0))
             F.leaky_relu_(h, SLOPE)
             sv = _Saved(msg, h, None)
             if cdm:
@@ -311,14 +366,14 @@ class ViewTape:
                 lt = t @ m.att_w2[K - 1].detach()  # [N]
                 logits = torch.cat([main.layers[l].logits[:K - 1, :, K - 1], lt.unsqueeze(0)], 0)  # [j, N]
                 att = torch.softmax(logits, dim=0)
-                e = h * att[K - 1, :, None]
+                e = torch.mul(h, att[K - 1, :, None], out=self._buf(f"e{l % 2}", (N, d), ego0))
                 hm = main.layers[l].h
                 for j in range(K - 1):
                     e.addcmul_(hm[j], att[j, :, None])
                 sv.t, sv.att = t, att
             else:
-                e = h.clone()
-            sv.mask = _drop_mask(m, (), generator, e.dtype, e.device)
+                e = self._buf(f"e{l % 2}", (N, d), ego0).copy_(h)
+            sv.mask = _drop_mask(m, (), generator, e.dtype, e.device, out=self._buf(f"mask{l}", (N, d), ego0))
             if sv.mask is not None:
                 e.mul_(sv.mask)
             self.layers.append(sv)
@@ -335,10 +390,10 @@ class ViewTape:
         K, L, d = m.n_behaviors, m.n_layers, m.dim
         cdm = m.use_cdm and K > 1
         g_acc = g_v / (L + 1)
-        g_next = None
+        N = g_v.shape[0]
+        g_e = self._buf("gE", (N, d), g_v).copy_(g_acc)  # = g_acc + g_next (no g_next on top)
         for l in reversed(range(L)):
             sv = self.layers[l]
-            g_e = g_acc.clone() if g_next is None else g_next.add_(g_acc)
             if sv.mask is not None:
                 g_e.mul_(sv.mask)
             h = sv.h
@@ -365,9 +420,8 @@ class ViewTape:
             gWp = sv.m.T @ g_h  # [c, e]
             grads.W_gc[l, task] += r.unsqueeze(-1) * gWp
             grads.rel[l, task, K - 1] += (gWp * W).sum(1)
-            g_m = g_h @ (r.unsqueeze(-1) * W).T
-            g_next = self.msg.backward(g_m.unsqueeze(0))[0]
-        if g_next is None:
-            grads.ego[:, task] += g_v
-        else:
-            grads.ego[:, task] += g_next.add_(g_v, alpha=1.0 / (L + 1))
+            g_m = torch.mm(g_h, (r.unsqueeze(-1) * W).T, out=self._buf("gM", (N, d), g_v))
+            del g_h
+            g_e.copy_(g_acc)  # the SpMMs accumulate Âᵀ g_m onto the readout cotangent
+            self.msg.backward(g_m.unsqueeze(0), out=g_e.unsqueeze(0), accumulate=True)
+        grads.ego[:, task] += g_e if L > 0 else g_v
