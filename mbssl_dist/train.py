@@ -169,9 +169,11 @@ class ModelRun:
 
         local = self.part.global_to_local[np.asarray(global_users, dtype=np.int64)]
         rows = torch.from_numpy(np.sort(local[local >= 0]))
-        return build_batch(self.csr, rows, self.n_items, user_ids=torch.from_numpy(self.part.users),
-                           user_fn=self.user_fn, item_fn=self.item_fn,
-                           interaction=self.model.interaction_scoring)
+        batch = build_batch(self.csr, rows, self.n_items, user_ids=torch.from_numpy(self.part.users),
+                            user_fn=self.user_fn, item_fn=self.item_fn,
+                            interaction=self.model.interaction_scoring)
+        device = self.model.user_embedding.device
+        return batch if device.type == "cpu" else batch.to(device)
 
 
 def epoch_permutation(n_users: int, seed: int, epoch: int) -> np.ndarray:

@@ -311,3 +311,17 @@ def test_sparse_op_mm_into_accumulates_and_checks_shapes():
     assert torch.allclose(out, dense.T @ y)
     with pytest.raises(ValueError):
         op.mm_into(y, torch.empty(7, 3, dtype=D))
+
+
+def test_batch_to_device_copies_every_tensor():
+    import torch
+
+    from mbssl_dist.model.step import build_batch
+
+    csr = [(torch.tensor([0, 2, 3]), torch.tensor([0, 1, 1])), (torch.tensor([0, 1, 2]), torch.tensor([1, 0]))]
+    fn = (torch.tensor([0, 1, 2]), torch.tensor([1, 0]))
+    b = build_batch(csr, torch.tensor([0, 1]), 2, user_fn=fn, item_fn=fn, interaction=True)
+    c = b.to("meta")
+    assert c.users.device.type == "meta" and c.user_anchors.fn_indices.device.type == "meta"
+    assert all(t.device.type == "meta" for pair in c.pos for t in pair)
+    assert b.users.device.type == "cpu"  # the original is untouched

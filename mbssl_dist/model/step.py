@@ -22,6 +22,7 @@ ranks and all re-runs draw the same dropout masks.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import time
@@ -89,6 +90,21 @@ class Batch:
     supp_rows: torch.Tensor | None = None
     supp_items: torch.Tensor | None = None
     supp_indicators: torch.Tensor | None = None  # [n_supp, K]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """A copy with every tensor (anchors and false-negative tables included) on ``device``."""
+        return _to_device(self, torch.device(device))
+
+
+def _to_device(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(x, device) for x in obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: _to_device(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj)})
+    return obj
 
 
 def build_batch(csr: Sequence[tuple[torch.Tensor, torch.Tensor]], users: torch.Tensor, n_items: int,
