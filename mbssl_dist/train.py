@@ -61,19 +61,6 @@ def false_negative_tables(cfg: Config, ds, comm):
     return user_fn, item_fn
 
 
-def select_rows(table, rows: np.ndarray):
-    """Rows ``rows`` of a CSR (indptr, indices) table, as a new table."""
-    if table is None:
-        return None
-    indptr, indices = table
-    starts, ends = indptr[rows], indptr[rows + 1]
-    counts = ends - starts
-    new_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(counts, out=new_ptr[1:])
-    idx = np.repeat(starts - new_ptr[:-1], counts) + np.arange(new_ptr[-1])
-    return torch.from_numpy(new_ptr), torch.from_numpy(indices[idx].astype(np.int64))
-
-
 def step_config(cfg: Config, K: int):
     from .model import TrainConfig as StepConfig
 
@@ -188,12 +175,16 @@ def build_model(cfg: Config, ds, part, comm, device: torch.device, user_fn_all=N
     """Model (local user rows, replicated items), training step with the gradient all-reduce
     hook, and the local adjacencies/false-negative tables of ``part``."""
     from .model import MBSSL, TrainStep, make_generator
+    from .model.step import csr_rows_table
     from .parallel.layout import GradReducer
 
     m, K = cfg.model, ds.n_behaviors
     adjs = [part.graph.adjacency(k, m.norm, dtype, device) for k in range(K)]
     csr = [(g.indptr, g.indices) for g in part.graph.graphs]
-    user_fn = select_rows(user_fn_all, part.users) if user_fn_all is not None else None
+    # the rows of this rank's users, in local order (false negatives keep global ids)
+    user_fn = csr_rows_table((torch.from_numpy(np.asarray(user_fn_all[0], dtype=np.int64)),
+                              torch.from_numpy(np.asarray(user_fn_all[1], dtype=np.int64))),
+                             torch.from_numpy(part.users)) if user_fn_all is not None else None
     item_fn_t = (torch.from_numpy(np.asarray(item_fn[0], dtype=np.int64)),
                  torch.from_numpy(np.asarray(item_fn[1], dtype=np.int64))) if item_fn is not None else None
     model = MBSSL(part.n_local, ds.n_items, K, dim=m.dim, n_layers=m.n_layers, att_dim=m.att_dim,
@@ -219,7 +210,6 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     from .parallel.layout import shard_users, target_views
     from .tracking import RunLogger, git_commit
 
-    t_start = time.time()
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)

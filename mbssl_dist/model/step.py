@@ -62,7 +62,8 @@ def _csr_rows(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -
     return pos, indices[torch.repeat_interleave(starts, counts) + offs]
 
 
-def _fn_rows(table: tuple[torch.Tensor, torch.Tensor] | None, rows: torch.Tensor):
+def csr_rows_table(table: tuple[torch.Tensor, torch.Tensor] | None, rows: torch.Tensor):
+    """Rows ``rows`` of a CSR table (indptr, indices) as a new (indptr, indices) table."""
     if table is None:
         return None, None
     indptr, indices = table
@@ -125,10 +126,10 @@ def build_batch(csr: Sequence[tuple[torch.Tensor, torch.Tensor]], users: torch.T
     keep = u_w > 0
     u_rows = users[keep]
     gids = u_rows if user_ids is None else user_ids[u_rows]
-    fptr, fidx = _fn_rows(user_fn, u_rows)
+    fptr, fidx = csr_rows_table(user_fn, u_rows)
     user_anchors = Anchors(u_rows, u_w[keep], gids, fptr, fidx)
     items, i_w = torch.unique(t_items, return_counts=True)
-    iptr, iidx = _fn_rows(item_fn, items)
+    iptr, iidx = csr_rows_table(item_fn, items)
     item_anchors = Anchors(items, i_w.to(torch.float64), items, iptr, iidx)
     b = Batch(users, pos, user_anchors, item_anchors)
     if interaction:
