@@ -189,11 +189,11 @@ def add_grads(into: TapeGrads, other: TapeGrads, task: int | None = None) -> Non
         sl(into.att_w2).add_(other.att_w2)
 
 
-class MainTape:
-    """The K-behavior propagation of :meth:`MBSSL.forward` with a batched reverse pass.
-    ``tag`` names this tape's workspace buffers (each tape of a step needs its own)."""
+class _Tape:
+    """Common state of a recorded propagation: its messages, saved layers and named buffers
+    in the model's workspace (``tag`` keeps the main pass and the views apart)."""
 
-    def __init__(self, model: MBSSL, adjs: Sequence[Adjacency], comm: Comm, tag: str = "main") -> None:
+    def __init__(self, model: MBSSL, adjs: Sequence[Adjacency], comm: Comm, tag: str) -> None:
         self.model = model
         self.msg = _Messages(adjs, model.n_users, comm)
         self.layers: list[_Saved] = []
@@ -202,6 +202,14 @@ class MainTape:
 
     def _buf(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
         return self.ws.get(f"{self.tag}/{name}", tuple(shape), like.dtype, like.device)
+
+
+class MainTape(_Tape):
+    """The K-behavior propagation of :meth:`MBSSL.forward` with a batched reverse pass.
+    ``tag`` names this tape's workspace buffers (each tape of a step needs its own)."""
+
+    def __init__(self, model: MBSSL, adjs: Sequence[Adjacency], comm: Comm, tag: str = "main") -> None:
+        super().__init__(model, adjs, comm, tag)
 
     @torch.no_grad()
     def forward(self, rel: Sequence[torch.Tensor], ego0: torch.Tensor, generator) -> torch.Tensor:
@@ -330,21 +338,14 @@ class MainTape:
         return TapeGrads(g_ego, gW, grel, gw1, gw2)
 
 
-class ViewTape:
+class ViewTape(_Tape):
     """One target-mode view of :meth:`MBSSL.forward_views` (``mode='target'``): the target
     behavior propagated over the view, the auxiliary h_j (and, with the CDM, their attention
     logits, identical by construction) taken from the main propagation. Single task."""
 
     def __init__(self, model: MBSSL, main: MainTape, view_adj: Adjacency, comm: Comm, tag: str = "tview") -> None:
-        self.model = model
+        super().__init__(model, [view_adj], comm, tag)
         self.main = main
-        self.msg = _Messages([view_adj], model.n_users, comm)
-        self.layers: list[_Saved] = []
-        self.ws = workspace(model)
-        self.tag = tag
-
-    def _buf(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
-        return self.ws.get(f"{self.tag}/{name}", tuple(shape), like.dtype, like.device)
 
     @torch.no_grad()
     def forward(self, ego0: torch.Tensor, generator) -> torch.Tensor:
