@@ -60,7 +60,8 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
             comm = DistComm()
         else:
             comm = LocalComm()
-        cfg = small_config(overrides)
+        autograd = "_autograd" in overrides  # one autograd pass per task instead of the tape
+        cfg = small_config([o for o in overrides if o != "_autograd"])
         ds = load_prepared(data_dir)
         part = local_part_from_dataset(ds, assign, rank)
         run = build_model(cfg, ds, part, comm, torch.device("cpu"), fn_table(ds.n_users, 3, 1),
@@ -68,6 +69,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
         perm = epoch_permutation(ds.n_users, cfg.train.seed, 0)
         views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, cfg.train.seed, 0, comm,
                              cfg.model.norm) if cfg.loss.use_intra else None
+        run.step.fast = not autograd
         B = cfg.train.batch_size
         records = []
         for b in range(steps):
@@ -75,6 +77,11 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
             records.append({"losses": res.losses, "hmg": res.hmg})
         params = {n: p.detach().clone() for n, p in run.model.named_parameters()}
         ema = run.step.state.hmg.state_dict()
+        run.model.eval()  # evaluation-mode propagation (the autograd path), as the evaluator runs it
+        with torch.no_grad():
+            prop = run.model(run.adjs, comm, keep_layers=False)
+        params["eval_users"] = prop.users[:, -1].clone()  # sharded like the user embedding
+        params["eval_items"] = prop.items[:, -1].clone()
         torch.save({"records": records, "params": params, "users": part.users, "ema": ema},
                    Path(out_dir) / f"rank{rank}.pt")
         if world > 1:
@@ -103,7 +110,7 @@ def gather_params(results: list[dict]) -> dict[str, torch.Tensor]:
     """Global parameters: user rows placed at their global ids, replicated ones from rank 0."""
     out = {}
     for name, p in results[0]["params"].items():
-        if name == "user_embedding":
+        if name in ("user_embedding", "eval_users"):
             n = sum(r["params"][name].shape[0] for r in results)
             full = torch.zeros(n, p.shape[1], dtype=p.dtype)
             for r in results:
@@ -163,6 +170,10 @@ CASES = {
     "reference_fn_edge_views_no_cdm": ["loss.fn_mode=\"reference\"", "loss.intra_view=\"edge\"",
                                        "model.use_cdm=false", "hmg.strategy=\"C\""],
     "interaction_scoring": ["model.interaction_scoring=true", "hmg.strategy=\"B\""],
+    # the autograd path (MBSSL.forward / forward_views with autograd-aware reduce-scatter and
+    # all-gather) and the tape's full-propagation views
+    "autograd": ["_autograd"],
+    "full_views": ["loss.view_propagation=\"full\""],
 }
 
 
@@ -176,11 +187,12 @@ def test_ranks_agree(tiny_data, tmp_path, case):
         # replicated parameters are bit-identical on every rank
         for r in res[1:]:
             for name, p in r["params"].items():
-                if name != "user_embedding":
+                if name not in ("user_embedding", "eval_users"):
                     assert torch.equal(p, res[0]["params"][name]), f"{name} differs between ranks"
     # and training did move the parameters
     init = run_world(1, tiny_data, balanced(n, 1), CASES[case], tmp_path / "p1_init", steps=0)
-    moved = max((ref[0]["params"][k] - init[0]["params"][k]).abs().max().item() for k in ref[0]["params"])
+    moved = max((ref[0]["params"][k] - init[0]["params"][k]).abs().max().item() for k in ref[0]["params"]
+                if not k.startswith("eval_"))
     assert moved > 1e-4
 
 
@@ -205,3 +217,14 @@ def test_empty_local_batch(tiny_data, tmp_path):
     ref = run_world(1, tiny_data, balanced(n, 1), [], tmp_path / "p1")
     res = run_world(2, tiny_data, assign, [], tmp_path / "p2")
     assert_same(ref, res, "empty local batch")
+
+
+def test_row_slices_cover_every_row_once():
+    from mbssl_dist.parallel.comm import RowSlices
+
+    for n in (0, 1, 4, 5, 80, 81):
+        for P in (1, 2, 3, 7):
+            sl = RowSlices(n, P)
+            rows = [r for p in range(P) for r in range(sl.start(p), sl.stop(p))]
+            assert rows == list(range(n)), (n, P)
+            assert all(0 <= sl.count(p) <= sl.size for p in range(P)) and sl.size * P >= n

@@ -5,15 +5,23 @@
 For each P it launches ``torch.distributed.run`` with P processes of one thread each and
 measures, on rank 0, after one warm-up step:
   * seconds per training step (forward, all task backwards, HMG, Adam);
-  * seconds of the propagation alone (forward + one backward of the main K-behavior pass);
-  * payload bytes handed to collectives per step (``DistComm.bytes_sent``; a ring
-    all-reduce puts about 2(P-1)/P times that on the wire per rank);
-  * the analytic minimum for this algorithm: the item partial sums of every propagation
-    layer, forward (|I|·K·d floats per layer; |I|·d per layer per intra view) and backward
-    (main pass once per task, views once for the intra task), plus one flat gradient bucket of the replicated parameters per
-    task, plus the batch terms (user Gram K·d² forward and backward).
+  * seconds of the propagation alone: the training step's own propagation (``MainTape``:
+    forward + one reverse pass for one task) over all K behaviors;
+  * bytes per step that rank 0 puts on the wire (``DistComm.bytes_sent``, counted for ring
+    algorithms: all-reduce of n bytes 2(P-1)/P·n, reduce-scatter / all-gather (P-1)/P·n);
+  * the analytic minimum for this algorithm, on the same ring model: every propagation layer
+    must sum the item partials of all ranks and hand every rank the items of the others,
+    |I|·K·d floats per layer (|I|·d per layer per intra view), i.e. 2(P-1)/P·|I|·K·d on the
+    wire, forward and in the reverse pass (the main pass once per task, the views once for
+    the intra task); plus one flat gradient bucket of the replicated parameters per task, plus
+    the batch terms (user Gram K·d² forward and backward).
 P above the number of cores is oversubscribed and labelled so. Strong-scaling efficiency of
 the propagation = T_prop(1) / (P · T_prop(P)), against P = 1 with one thread.
+
+The machine's own ceiling (``--ceiling``, default on): P independent single-process copies of
+the P = 1 propagation run at the same time, with no communication at all. Their slowdown
+against one copy alone is what the cores and the memory bus lose when P processes run side
+by side; 1 / slowdown bounds the efficiency any layout can reach on this machine.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ def worker(args) -> None:
     from mbssl_dist.config import load_config
     from mbssl_dist.data import load_prepared
     from mbssl_dist.model import make_generator
+    from mbssl_dist.model.tape import MainTape
     from mbssl_dist.parallel.dist import init_distributed, shutdown
     from mbssl_dist.parallel.layout import shard_users, target_views
     from mbssl_dist.train import build_model, epoch_permutation
@@ -54,31 +63,41 @@ def worker(args) -> None:
     def sent():
         return getattr(comm, "bytes_sent", 0)
 
-    run.step(run.batch(perm[:B]), run.adjs, views)  # warm-up
-    comm.barrier()
-    b0, t0 = sent(), time.perf_counter()
-    for s in range(1, args.steps + 1):
-        run.step(run.batch(perm[s * B:(s + 1) * B]), run.adjs, views)
-    comm.barrier()
-    t_step = (time.perf_counter() - t0) / args.steps
-    bytes_step = (sent() - b0) / args.steps
-    # propagation alone: main forward + one backward
+    t_step = bytes_step = float("nan")
+    if not args.prop_only:
+        run.step(run.batch(perm[:B]), run.adjs, views)  # warm-up
+        comm.barrier()
+        b0, t0 = sent(), time.perf_counter()
+        for s in range(1, args.steps + 1):
+            run.step(run.batch(perm[s * B:(s + 1) * B]), run.adjs, views)
+        comm.barrier()
+        t_step = (time.perf_counter() - t0) / args.steps
+        bytes_step = (sent() - b0) / args.steps
+    # propagation alone: the step's tape, forward + one reverse pass (T = 1)
     model = run.model
+    model.train()
+    L = cfg.model.n_layers
     times = []
-    for _ in range(args.steps):
+    for s in range(-1 if args.prop_only else 0, args.steps):  # (solo copies warm up here)
         comm.barrier()
         t1 = time.perf_counter()
-        prop = model(run.adjs, comm, make_generator(cfg.train.seed, 0, 0, "dropout"), keep_layers=False)
-        (prop.users.sum() + prop.items.sum() / comm.world_size).backward()
+        with torch.no_grad():
+            rel = model.relation_layers()
+            ego0 = torch.cat([model.user_embedding, model.item_embedding], 0)
+            tape = MainTape(model, run.adjs, comm)
+            out = tape.forward(rel[:L], ego0, make_generator(cfg.train.seed, 0, s, "dropout"))
+            tape.backward(torch.ones_like(out).unsqueeze(2))
         comm.barrier()
-        times.append(time.perf_counter() - t1)
-        model.zero_grad(set_to_none=True)
+        if s >= 0:
+            times.append(time.perf_counter() - t1)
     K, d, L, I = ds.n_behaviors, cfg.model.dim, cfg.model.n_layers, ds.n_items
     n_tasks = len(run.step.tasks) + 1  # + reg
     replicated = sum(p.numel() for p, s in zip(run.step.params, run.step.sharded) if not s)
     main, views = L * I * K * d, 2 * L * I * d  # floats all-reduced by one forward pass
     # main pass: forward + one backward per task; views: forward + the intra task's backward
-    analytic = 4 * (main * (1 + n_tasks) + views * 2 + n_tasks * replicated + 2 * K * d * d)
+    P = comm.world_size
+    ring = 2 * (P - 1) / P
+    analytic = ring * 4 * (main * (1 + n_tasks) + views * 2 + n_tasks * replicated + 2 * K * d * d)
     if comm.rank == 0:
         print(json.dumps({"P": comm.world_size, "step_s": t_step, "prop_s": float(np.median(times)),
                           "bytes_per_step": bytes_step, "analytic_bytes": analytic if comm.world_size > 1 else 0,
@@ -92,7 +111,9 @@ def main() -> None:
     ap.add_argument("--ranks", default="1,2,3,4")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the concurrent-copies ceiling")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prop-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -110,6 +131,21 @@ def main() -> None:
             raise SystemExit(f"P={P} failed")
         line = [x for x in r.stdout.splitlines() if x.startswith("{")][-1]
         rows.append(json.loads(line))
+    ceiling = {}
+    if not args.no_ceiling:
+        for P in sorted({r["P"] for r in rows if 1 < r["P"] <= cores}):
+            env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+            env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--prop-only", "--data", args.data,
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+            procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(P)]
+            outs = [p.communicate() for p in procs]
+            if any(p.returncode for p in procs):
+                print(outs[0][1][-3000:], file=sys.stderr)
+                raise SystemExit(f"ceiling run with {P} copies failed")
+            ceiling[P] = max(json.loads([x for x in o.splitlines() if x.startswith("{")][-1])["prop_s"]
+                             for o, _ in outs)
     base = rows[0]["prop_s"] if rows and rows[0]["P"] == 1 else None
     print(f"dataset {args.data}, batch {args.batch_size}, {args.steps} timed steps, 1 thread per rank, {cores} cores")
     print(f"{'P':>3} {'note':<16} {'users/rank':>10} {'s/step':>8} {'prop s':>8} {'MB/step':>9} "
@@ -120,6 +156,10 @@ def main() -> None:
         ratio = r["bytes_per_step"] / r["analytic_bytes"] if r["analytic_bytes"] else float("nan")
         print(f"{r['P']:>3} {note:<16} {r['users_per_rank']:>10} {r['step_s']:>8.3f} {r['prop_s']:>8.3f} "
               f"{r['bytes_per_step'] / 1e6:>9.2f} {r['analytic_bytes'] / 1e6:>11.2f} {ratio:>6.2f} {eff:>8.2f}")
+    for P, t in ceiling.items():
+        if base:
+            print(f"machine ceiling at P={P}: {P} concurrent single-process copies take {t:.3f} s per propagation "
+                  f"(alone {base:.3f} s): slowdown {t / base:.2f}x, efficiency bound {base / t:.2f}")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,16 @@ this module reproduces, per layer ``l`` and behavior ``k`` (target = last):
   relation readout = mean of r_k^0..r_k^L;
 * score(u, i) = ⟨e_u,K , e_i,K ⊙ r_K⟩.
 
-Distributed layout (DESIGN.md §4): the module holds embedding rows of its *local* users only
-and all item rows. Per layer, the user update ``A_ui_local @ E_item`` is local; the item update
-``A_iu_local @ E_user_local`` is a partial sum that goes through ``comm.all_reduce_sum`` (one
-collective per layer: all behaviors concatenated). With ``LocalComm`` this is the full graph.
+Distributed layout (DESIGN.md §4, refined): the module holds embedding rows of its *local*
+users only and all item rows (the item embedding is a replicated parameter). Per layer, the
+user update ``A_ui_local @ E_item`` is local; the item update ``A_iu_local @ E_user_local`` is
+a partial sum that is *reduce-scattered*: each rank receives the summed messages of its own
+contiguous slice of items (``comm.slices``), runs the dense per-layer transform (⊙r, W,
+LeakyReLU, CDM, dropout) on its local users plus that slice only, and all-gathers the slices
+for the next layer's user update. Reduce-scatter + all-gather move the same bytes as one
+all-reduce, but no rank repeats the item transform (replicating it capped the strong-scaling
+efficiency at (U+I)/(P·(U/P+I))). The readout is all-gathered, so losses and scoring see all
+items on every rank. With ``LocalComm`` the slice is all items and this is the full graph.
 
 Randomness never comes from the global torch RNG: parameter init and dropout masks are drawn
 from ``torch.Generator`` objects the caller passes; user rows are drawn for the *global* user
@@ -299,10 +305,18 @@ class MBSSL(nn.Module):
         att = torch.softmax(t @ self.att_w2[only], dim=0)  # [j, n]
         return (att.unsqueeze(-1) * h).sum(0)
 
+    def item_rows(self, comm: Comm) -> tuple[int, int, int]:
+        """(first item, number of items, padded slice size S) of this rank's item slice: the
+        per-layer dense work on items (⊙r, W, LeakyReLU, CDM, dropout) is split over ranks;
+        layer stacks hold ``n_users + S`` rows (local users, then the slice, zero-padded)."""
+        sl = comm.slices(self.n_items)
+        return sl.start(comm.rank), sl.count(comm.rank), sl.size
+
     def _drop_mask(self, shape_head: tuple[int, ...], generator: torch.Generator | None,
-                   device, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Inverted-dropout multipliers for (local users, items), shapes head + [n, d]; None when
-        not training. User rows are drawn for all global users, then the local rows selected."""
+                   device, dtype, comm: Comm) -> torch.Tensor | None:
+        """Inverted-dropout multipliers, shape head + [n_users + S, d] (local users, this rank's
+        item slice, zero padding); None when not training. Rows are drawn for all global users
+        and all items and then selected, so any number of ranks draws what one process does."""
         if not self.training or self.dropout <= 0.0:
             return None
         if generator is None:
@@ -310,27 +324,37 @@ class MBSSL(nn.Module):
         p = self.dropout
         scale = 1.0 / (1.0 - p)
         gen_dev = generator.device
+        ax = len(shape_head)
+        i0, n_s, S = self.item_rows(comm)
         mu = torch.rand(shape_head + (self.n_users_global, self.dim), generator=generator, device=gen_dev)
         if self.user_ids is not None:
-            mu = mu.index_select(len(shape_head), self.user_ids.to(gen_dev))
-        mi = torch.rand(shape_head + (self.n_items, self.dim), generator=generator, device=gen_dev)
-        mu = ((mu >= p).to(dtype) * scale).to(device)
-        mi = ((mi >= p).to(dtype) * scale).to(device)
-        return mu, mi
+            mu = mu.index_select(ax, self.user_ids.to(gen_dev))
+        mi = torch.rand(shape_head + (self.n_items, self.dim), generator=generator, device=gen_dev).narrow(ax, i0, n_s)
+        pad = mi.new_zeros(shape_head + (S - n_s, self.dim))
+        return ((torch.cat([mu, mi, pad], ax) >= p).to(dtype) * scale).to(device)
 
-    def _messages(self, adjs: Sequence[Adjacency], x: torch.Tensor, comm: Comm) -> torch.Tensor:
-        """x: [K', N, d] (users first) -> Â x per behavior, [K', N, d]. One SpMM per behavior per
-        direction; the item partials of all behaviors are all-reduced in one collective."""
-        n_u = self.n_users
-        # unbind/split (not slicing): their backward is a stack/cat, not a zero-filled full tensor per slice
-        parts = [xk.split([n_u, xk.shape[0] - n_u], 0) for xk in x.unbind(0)]
-        mu = [spmm(a_ui, parts[k][1]) for k, (a_ui, _) in enumerate(adjs)]
-        mi = [spmm(a_iu, parts[k][0]) for k, (_, a_iu) in enumerate(adjs)]
-        m_i = torch.stack(mi, 0)
-        if comm.world_size > 1:
-            Kp, n_i, d = m_i.shape
-            m_i = comm.all_reduce_sum(m_i.reshape(Kp, n_i * d)).view(Kp, n_i, d)
-        return torch.cat([torch.stack(mu, 0), m_i], 1)
+    def _messages(self, adjs: Sequence[Adjacency], x_u: torch.Tensor, x_i: torch.Tensor, comm: Comm) -> torch.Tensor:
+        """Â x per behavior: x_u [K', n_users, d] (local users), x_i [K', n_items, d] (all
+        items). Returns [K', n_users + S, d]: the local users' messages and this rank's item
+        slice of the item messages (partial sums over ranks, reduce-scattered)."""
+        n_i = self.n_items
+        P = comm.world_size
+        i0, n_s, S = self.item_rows(comm)
+        out = []
+        for k, (a_ui, a_iu) in enumerate(adjs):
+            mu = spmm(a_ui, x_i[k])
+            mi = spmm(a_iu, x_u[k])  # [n_items, d], this rank's partial sum
+            if P > 1:
+                mi = comm.reduce_scatter_sum(F.pad(mi, (0, 0, 0, P * S - n_i)).view(P, S, -1))
+            out.append(torch.cat([mu, mi], 0))
+        return torch.stack(out, 0)
+
+    def _gather_items(self, e_i: torch.Tensor, comm: Comm) -> torch.Tensor:
+        """[K', S, d] item slices of every rank -> [K', n_items, d] (all-gather per behavior)."""
+        if comm.world_size == 1:
+            return e_i
+        g = comm.all_gather(e_i.contiguous())  # [P, K', S, d]
+        return g.permute(1, 0, 2, 3).reshape(e_i.shape[0], -1, e_i.shape[2])[:, :self.n_items]
 
     def _layer(self, m: torch.Tensor, rel_l: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """h = LeakyReLU((m ⊙ r) W) for a [K', N, d] stack with r: [K', d] (= m @ (diag(r) W))."""
@@ -344,6 +368,9 @@ class MBSSL(nn.Module):
         adjs: per behavior (A_ui_local, A_iu_local), normalized, constant values.
         generator: source of the dropout masks (required in training mode when dropout > 0).
         keep_layers: keep the per-layer pre-CDM stacks for :meth:`forward_views`.
+        Per layer the item half of the messages is reduce-scattered to the rank owning each
+        item slice, the dense transform runs on local users + the slice, and the slice is
+        all-gathered for the next layer's user messages (and, at the end, the readout).
         """
         comm = comm or LocalComm()
         K, L, d = self.n_behaviors, self.n_layers, self.dim
@@ -351,22 +378,27 @@ class MBSSL(nn.Module):
             raise ValueError(f"expected {K} adjacencies, got {len(adjs)}")
         n_u = self.n_users
         rel = self.relation_layers()
-        ego0 = torch.cat([self.user_embedding, self.item_embedding], 0)
-        x = ego0.unsqueeze(0).expand(K, -1, -1)
+        x_u = self.user_embedding.unsqueeze(0).expand(K, -1, -1)
+        x_i = self.item_embedding.unsqueeze(0).expand(K, -1, -1)
         acc = None
         layer_h: list[torch.Tensor] = []
         for l in range(L):
-            h = self._layer(self._messages(adjs, x, comm), rel[l], self.W_gc[l])  # [K, N, d]
+            h = self._layer(self._messages(adjs, x_u, x_i, comm), rel[l], self.W_gc[l])  # [K, n_u + S, d]
             if keep_layers:
                 layer_h.append(h)
             e = self._cdm(h)
-            masks = self._drop_mask((K,), generator, e.device, e.dtype)
-            if masks is not None:
-                e = e * torch.cat(masks, 1)
-            x = e
+            mask = self._drop_mask((K,), generator, e.device, e.dtype, comm)
+            if mask is not None:
+                e = e * mask
             acc = e if acc is None else acc + e
-        out = (acc + ego0.unsqueeze(0)) / (L + 1) if acc is not None else ego0.unsqueeze(0).expand(K, -1, -1)
-        out_u, out_i = out.permute(1, 0, 2).split([n_u, self.n_items], 0)  # [N, K, d]
+            if l < L - 1:
+                x_u, x_i = e[:, :n_u], self._gather_items(e[:, n_u:], comm)
+        if acc is None:
+            out_u = self.user_embedding.unsqueeze(1).expand(-1, K, -1)
+            out_i = self.item_embedding.unsqueeze(1).expand(-1, K, -1)
+        else:
+            out_u = ((acc[:, :n_u] + self.user_embedding) / (L + 1)).permute(1, 0, 2)
+            out_i = ((self._gather_items(acc[:, n_u:], comm) + self.item_embedding) / (L + 1)).permute(1, 0, 2)
         relations = torch.stack(rel, 0).mean(0)
         return Propagated(out_u, out_i, relations, layer_h if keep_layers else [], rel)
 
@@ -391,6 +423,7 @@ class MBSSL(nn.Module):
         if mode not in VIEW_MODES:
             raise ValueError(f"view mode must be one of {VIEW_MODES}, got {mode!r}")
         K, L, d = self.n_behaviors, self.n_layers, self.dim
+        n_u = self.n_users
         out = []
         if mode == "full":
             if adjs is None:
@@ -402,22 +435,26 @@ class MBSSL(nn.Module):
         if len(base.layer_h) != L:
             raise ValueError("base propagation must be run with keep_layers=True for mode='target'")
         rel = base.layer_rel if base.layer_rel else self.relation_layers()
-        ego0 = torch.cat([self.user_embedding, self.item_embedding], 0)
         for va in view_adjs:
-            x = ego0.unsqueeze(0)
-            acc = ego0
+            x_u, x_i = self.user_embedding.unsqueeze(0), self.item_embedding.unsqueeze(0)
+            acc = None
             for l in range(L):
-                h_t = self._layer(self._messages([va], x, comm), rel[l][K - 1:], self.W_gc[l])  # [1, N, d]
+                h_t = self._layer(self._messages([va], x_u, x_i, comm), rel[l][K - 1:], self.W_gc[l])  # [1, n_u + S, d]
                 if self.use_cdm and K > 1:
                     e = self._cdm(torch.cat([base.layer_h[l][:K - 1], h_t], 0), only=K - 1)
                 else:
                     e = h_t[0]
-                masks = self._drop_mask((), generator, e.device, e.dtype)
-                if masks is not None:
-                    e = e * torch.cat(masks, 0)
-                x = e.unsqueeze(0)
-                acc = acc + e
-            out.append(acc / (L + 1))
+                mask = self._drop_mask((), generator, e.device, e.dtype, comm)
+                if mask is not None:
+                    e = e * mask
+                acc = e if acc is None else acc + e
+                if l < L - 1:
+                    x_u, x_i = e[:n_u].unsqueeze(0), self._gather_items(e[n_u:].unsqueeze(0), comm)
+            if acc is None:
+                out.append(torch.cat([self.user_embedding, self.item_embedding], 0))
+                continue
+            acc_i = self._gather_items(acc[n_u:].unsqueeze(0), comm)[0]
+            out.append(torch.cat([acc[:n_u] + self.user_embedding, acc_i + self.item_embedding], 0) / (L + 1))
         return out
 
     # ------------------------------------------------------------- scoring

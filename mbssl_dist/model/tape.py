@@ -12,11 +12,14 @@ autograd passes (each with its own allocations and elementwise kernels).
 The math is exactly the autograd graph of :meth:`MBSSL.forward` / :meth:`MBSSL.forward_views`
 (tests compare against autograd to ~1e-12 in float64). Randomness: the dropout masks are drawn
 from the caller's generator in the same order as the autograd path (main propagation, then
-view 1, then view 2), so both paths see the same masks. Distributed: the item half of every
-message is all-reduced in the forward; its cotangent is all-reduced in the reverse pass (one
-collective per layer for all tasks), mirroring ``comm.all_reduce_sum``'s backward.
+view 1, then view 2), so both paths see the same masks. Distributed (the item-sliced layout
+of :mod:`.mbssl`): layer stacks hold local users + this rank's item slice; per layer the item
+half of the messages is reduce-scattered and the slice all-gathered in the forward, and the
+reverse pass does the transposes (all-gather the slice's message cotangents, reduce-scatter
+the item cotangents), one collective per behavior per layer for all tasks together.
 
-Layouts: node rows are users first (``n_users`` local rows), then items. ``rel`` is the list
+Layouts: inputs and outputs (ego, readout, their cotangents) hold users first (``n_users``
+local rows), then all items; layer stacks hold users, then the slice (padded to ``S``). ``rel`` is the list
 of per-layer relation matrices r^0..r^{L-1} ([K, d]); the relation chain itself (tiny) is
 differentiated by the caller.
 """
@@ -69,27 +72,29 @@ def workspace(model: MBSSL) -> Workspace:
     return ws
 
 
-def _drop_mask(model: MBSSL, head: tuple[int, ...], generator, dtype, device,
+def _drop_mask(model: MBSSL, head: tuple[int, ...], generator, dtype, device, comm: Comm,
                out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Inverted-dropout multipliers [*head, N, d] (users first): the same draws as
-    ``MBSSL._drop_mask`` (global user rows drawn, local rows selected), without the extra cat."""
+    """Inverted-dropout multipliers [*head, n_users + S, d] (users, item slice, padding): the
+    same draws as ``MBSSL._drop_mask`` (global rows drawn, local rows selected)."""
     if not model.training or model.dropout <= 0.0:
         return None
     if generator is None:
         raise ValueError("training-mode forward with dropout needs a torch.Generator (rank-consistent randomness)")
     p, d = model.dropout, model.dim
     n_u, n_i = model.n_users, model.n_items
+    i0, n_s, S = model.item_rows(comm)
     scale = 1.0 / (1.0 - p)
     dev = generator.device
     if out is None:
-        out = torch.empty(head + (n_u + n_i, d), dtype=dtype, device=device)
+        out = torch.empty(head + (n_u + S, d), dtype=dtype, device=device)
     ax = len(head)
     mu = torch.rand(head + (model.n_users_global, d), generator=generator, device=dev)
     if model.user_ids is not None and not _identity_ids(model):
         mu = mu.index_select(ax, model.user_ids.to(dev))
     mi = torch.rand(head + (n_i, d), generator=generator, device=dev)
     out.narrow(ax, 0, n_u).copy_(mu >= p)
-    out.narrow(ax, n_u, n_i).copy_(mi >= p)
+    out.narrow(ax, n_u, n_s).copy_(mi.narrow(ax, i0, n_s) >= p)
+    out.narrow(ax, n_u + n_s, S - n_s).zero_()
     return out.mul_(scale)
 
 
@@ -116,48 +121,90 @@ class _Saved:
 
 
 class _Messages:
-    """Â x per behavior (users from items, items from users) and its transpose, for a list of
-    (A_ui, A_iu) pairs; the item half goes through ``comm`` (partial sums over ranks). Products
-    are written in place into the caller's buffers (``_SparseOp.mm_into``)."""
+    """Â x per behavior and its transpose for a list of (A_ui, A_iu) pairs, in the item-sliced
+    layout: users from all items (local), this rank's item slice from the local users (partial
+    sums reduce-scattered over ranks). Products are written in place into the caller's
+    buffers (``_SparseOp.mm_into``); collectives go through ``comm``, one per behavior."""
 
-    def __init__(self, adjs: Sequence[Adjacency], n_users: int, comm: Comm) -> None:
+    def __init__(self, adjs: Sequence[Adjacency], model: MBSSL, comm: Comm, buf) -> None:
         self.ops = [(sparse_op(a_ui), sparse_op(a_iu)) for a_ui, a_iu in adjs]
-        self.n_u = n_users
+        self.n_u, self.n_i = model.n_users, model.n_items
         self.comm = comm
+        self.P = comm.world_size
+        _, self.n_s, self.S = model.item_rows(comm)
+        self._buf = buf
 
-    def forward(self, x: torch.Tensor, shared: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [K, N, d], or [N, d] used by every behavior when ``shared``. Returns [K, N, d]
-        (into ``out`` when given)."""
-        n_u, K = self.n_u, len(self.ops)
-        d = x.shape[-1]
-        N = x.shape[-2]
-        if out is None:
-            out = torch.empty(K, N, d, dtype=x.dtype, device=x.device)
-        for k, (op_ui, op_iu) in enumerate(self.ops):
-            xk = x if shared else x[k]
-            op_ui.mm_into(xk[n_u:], out[k, :n_u])
-            op_iu.mm_into(xk[:n_u], out[k, n_u:])
-        if self.comm.world_size > 1:
-            mi = out[:, n_u:].contiguous()
-            self.comm.all_reduce_sum_(mi)
-            out[:, n_u:] = mi
+    def forward(self, x_u: torch.Tensor, x_i: torch.Tensor, shared: bool, out: torch.Tensor,
+                pending: Sequence = ()) -> torch.Tensor:
+        """x_u: [K, n_u, d] local users, x_i: [K, >= n_i, d] all items (or [n_u, d] / [n_i, d]
+        used by every behavior when ``shared``). Writes [K, n_u + S, d] into ``out``.
+        ``pending``: handles of the all-gather still filling ``x_i``. Order: the item partials
+        (local users only) first, their reduce-scatters launched asynchronously, then the wait
+        for ``x_i`` and the user messages, so the SpMMs run while the bytes move."""
+        n_u, n_i, P, S = self.n_u, self.n_i, self.P, self.S
+        works = []
+        for k, (_, op_iu) in enumerate(self.ops):
+            xu = x_u if shared else x_u[k]
+            if P == 1:
+                op_iu.mm_into(xu, out[k, n_u:])
+                continue
+            send = self._buf(f"rs_send{k}", (P * S, out.shape[-1]), out)
+            send[n_i:].zero_()
+            op_iu.mm_into(xu, send[:n_i])
+            works.append(self.comm.reduce_scatter_sum_(send.view(P, S, -1), out[k, n_u:], async_op=True))
+        for w in pending:
+            w.wait()
+        for k, (op_ui, _) in enumerate(self.ops):
+            op_ui.mm_into((x_i if shared else x_i[k])[:n_i], out[k, :n_u])
+        for w in works:
+            w.wait()
         return out
 
-    def backward(self, g: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
-        """g: [K, N, C] cotangent of the messages (C = T·d columns). Returns [K, N, C]: into
-        ``out`` when given, added to its contents when ``accumulate``."""
-        n_u = self.n_u
-        gi = g[:, n_u:]
-        if self.comm.world_size > 1:
-            gi = gi.contiguous()
-            self.comm.all_reduce_sum_(gi)
-        if out is None:
-            out = torch.empty_like(g)
-            accumulate = False
-        for k, (op_ui, op_iu) in enumerate(self.ops):
-            op_ui.mm_into(g[k, :n_u], out[k, n_u:], transpose=True, accumulate=accumulate)
-            op_iu.mm_into(gi[k], out[k, :n_u], transpose=True, accumulate=accumulate)
+    def gather(self, e_i: torch.Tensor, name: str, async_op: bool = False):
+        """[K, S, C] item slices of every rank -> [K, P·S, C] (rows >= n_items are padding);
+        the slice itself when P = 1. With ``async_op`` returns (buffer, handles) and ``e_i``
+        must stay untouched until the handles are waited for."""
+        if self.P == 1:
+            return (e_i, []) if async_op else e_i
+        K, S, C = e_i.shape
+        out = self._buf(name, (K, self.P * S, C), e_i)
+        works = [self.comm.all_gather_(e_i[k], out[k].view(self.P, S, C), async_op=True) for k in range(K)]
+        if async_op:
+            return out, works
+        for w in works:
+            w.wait()
         return out
+
+    def backward(self, g: torch.Tensor, out: torch.Tensor, items_out: torch.Tensor | None = None) -> None:
+        """g: [K, n_u + S, C] cotangent of the messages (C = T·d columns). Adds to ``out``
+        ([K, n_u + S, C]) the cotangent of the layer input: users' rows from the gathered item
+        slices, the slice's rows reduce-scattered from this rank's A_uiᵀ partials. With
+        ``items_out`` ([n_i, C], layer 0: the input is the replicated item embedding) the item
+        cotangents of all behaviors are summed there instead (this rank's partial; the gradient
+        reducer sums it over ranks) and the item rows of ``out`` are left alone. The all-gather
+        runs while the A_uiᵀ products are computed, the reduce-scatters while the A_iuᵀ ones are."""
+        n_u, n_i, P, S = self.n_u, self.n_i, self.P, self.S
+        C = g.shape[-1]
+        gi, ag = self.gather(g[:, n_u:], "ag_g", async_op=True)  # [K, P·S, C] (the slice when P = 1)
+        rs = []
+        for k, (op_ui, _) in enumerate(self.ops):
+            if items_out is not None:
+                op_ui.mm_into(g[k, :n_u], items_out, transpose=True, accumulate=True)
+            elif P == 1:
+                op_ui.mm_into(g[k, :n_u], out[k, n_u:], transpose=True, accumulate=True)
+            else:
+                send = self._buf(f"rs_send{k}", (P * S, C), g)
+                send[n_i:].zero_()
+                op_ui.mm_into(g[k, :n_u], send[:n_i], transpose=True)
+                part = self._buf(f"rs_out{k}", (S, C), g)
+                rs.append((k, part, self.comm.reduce_scatter_sum_(send.view(P, S, C), part, async_op=True)))
+        for w in ag:
+            w.wait()
+        for k, (_, op_iu) in enumerate(self.ops):
+            op_iu.mm_into(gi[k, :n_i], out[k, :n_u], transpose=True, accumulate=True)
+        for k, part, w in rs:
+            w.wait()
+            out[k, n_u:].add_(part)
 
 
 @dataclass
@@ -189,16 +236,53 @@ def add_grads(into: TapeGrads, other: TapeGrads, task: int | None = None) -> Non
         sl(into.att_w2).add_(other.att_w2)
 
 
+def _readout(acc: torch.Tensor, ego0: torch.Tensor, n_u: int, n_i: int, L: int, msg: _Messages) -> torch.Tensor:
+    """(acc + ego0) / (L + 1) in the full layout [K, n_u + n_i, d]: the item slices of the
+    layer sum are all-gathered first."""
+    K, _, d = acc.shape
+    out = torch.empty(K, n_u + n_i, d, dtype=acc.dtype, device=acc.device)
+    torch.add(acc[:, :n_u], ego0[:n_u], out=out[:, :n_u])
+    torch.add(msg.gather(acc[:, n_u:], "acc_items")[:, :n_i], ego0[n_u:], out=out[:, n_u:])
+    return out.div_(L + 1)
+
+
+def _readout_backward(g: torch.Tensor, n_u: int, n_i: int, msg: _Messages, buf) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transpose of :func:`_readout` for a scaled cotangent ``g`` ([K, n_u + n_i, C...]).
+    Returns (cotangent of the layer sum in the stack layout [K, n_u + S, C...]: users local,
+    the slice's rows reduce-scattered; this rank's partial cotangent of the item embedding
+    through the readout, [n_i, C...], summed over behaviors)."""
+    K = g.shape[0]
+    rest = tuple(g.shape[2:])
+    g_ego_i = buf("gEgoI", (n_i,) + rest, g)
+    torch.sum(g[:, n_u:], 0, out=g_ego_i)
+    if msg.P == 1:
+        return g, g_ego_i
+    P, S = msg.P, msg.S
+    g_acc = buf("gAcc", (K, n_u + S) + rest, g)
+    g_acc[:, :n_u] = g[:, :n_u]
+    works = []
+    for k in range(K):
+        send = buf(f"rs_send{k}", (P * S,) + rest, g)
+        send[n_i:].zero_()
+        send[:n_i] = g[k, n_u:]
+        works.append(msg.comm.reduce_scatter_sum_(send.view((P, S) + rest), g_acc[k, n_u:], async_op=True))
+    for w in works:
+        w.wait()
+    return g_acc, g_ego_i
+
+
 class _Tape:
     """Common state of a recorded propagation: its messages, saved layers and named buffers
     in the model's workspace (``tag`` keeps the main pass and the views apart)."""
 
     def __init__(self, model: MBSSL, adjs: Sequence[Adjacency], comm: Comm, tag: str) -> None:
         self.model = model
-        self.msg = _Messages(adjs, model.n_users, comm)
+        self.comm = comm
         self.layers: list[_Saved] = []
         self.ws = workspace(model)
         self.tag = tag
+        self.msg = _Messages(adjs, model, comm, self._buf)
+        self.n_loc = model.n_users + self.msg.S  # rows of the layer stacks
 
     def _buf(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
         return self.ws.get(f"{self.tag}/{name}", tuple(shape), like.dtype, like.device)
@@ -213,16 +297,19 @@ class MainTape(_Tape):
 
     @torch.no_grad()
     def forward(self, rel: Sequence[torch.Tensor], ego0: torch.Tensor, generator) -> torch.Tensor:
-        """rel: r^0..r^{L-1} ([K, d], detached); ego0: [N, d]. Returns the readout [K, N, d]."""
+        """rel: r^0..r^{L-1} ([K, d], detached); ego0: [n_u + n_i, d]. Returns the readout
+        [K, n_u + n_i, d] (all items)."""
         m = self.model
         K, L, d = m.n_behaviors, m.n_layers, m.dim
-        N = ego0.shape[0]
+        n_u = m.n_users
+        N = self.n_loc
         self.rel = [r.detach() for r in rel]
         self.layers = []
-        x = ego0
+        x_u, x_i = ego0[:n_u], ego0[n_u:]
+        pending: list = []
         acc = None
         for l in range(L):
-            msg = self.msg.forward(x, shared=l == 0, out=self._buf(f"m{l}", (K, N, d), ego0))
+            msg = self.msg.forward(x_u, x_i, shared=l == 0, out=self._buf(f"m{l}", (K, N, d), ego0), pending=pending)
             Wp = self.rel[l].unsqueeze(-1) * m.W_gc[l].detach().unsqueeze(0)  # [K, d, d]
             h = torch.bmm(msg, Wp, out=self._buf(f"h{l}", (K, N, d), ego0))
             F.leaky_relu_(h, SLOPE)
@@ -241,17 +328,21 @@ class MainTape(_Tape):
                 sv.t, sv.att, sv.logits = t, att, logits
             else:
                 e.copy_(h)
-            sv.mask = _drop_mask(m, (K,), generator, e.dtype, e.device, out=self._buf(f"mask{l}", (K, N, d), ego0))
+            sv.mask = _drop_mask(m, (K,), generator, e.dtype, e.device, self.comm,
+                                 out=self._buf(f"mask{l}", (K, N, d), ego0))
             if sv.mask is not None:
                 e.mul_(sv.mask)
             self.layers.append(sv)
-            x = e
             if acc is None:
                 acc = self._buf("acc", (K, N, d), ego0).copy_(e)
             else:
                 acc.add_(e)
-        out = ego0.unsqueeze(0).expand(K, N, d) if acc is None else acc.add_(ego0.unsqueeze(0))
-        return out / (L + 1)
+            if l < L - 1:
+                x_u = e[:, :n_u]
+                x_i, pending = self.msg.gather(e[:, n_u:], "x_items", async_op=True)
+        if acc is None:
+            return ego0.unsqueeze(0).expand(K, -1, d).clone()
+        return _readout(acc, ego0, n_u, m.n_items, L, self.msg)
 
     @torch.no_grad()
     def backward(self, g_out: torch.Tensor, extra_h: list | None = None, extra_logits: list | None = None,
@@ -268,7 +359,9 @@ class MainTape(_Tape):
         All [K, N, T, *] stacks live in the workspace (no page faults after the first step)."""
         m = self.model
         K, L, d = m.n_behaviors, m.n_layers, m.dim
-        _, N, T, _ = g_out.shape
+        n_u, n_i = m.n_users, m.n_items
+        _, _, T, _ = g_out.shape
+        N = self.n_loc
         dt = g_out.dtype
         dev = g_out.device
         gW = torch.zeros(L, T, d, d, dtype=dt, device=dev)
@@ -280,7 +373,9 @@ class MainTape(_Tape):
             gw2 = torch.zeros(T, K, a, dtype=dt, device=dev)
             w1 = m.att_w1.detach().permute(1, 0, 2).reshape(d, K * a)
             w2 = m.att_w2.detach()
-        g_acc = g_out.div_(L + 1)
+        g_acc, g_ego_i = _readout_backward(g_out.div_(L + 1), n_u, n_i, self.msg, self._buf)
+        if L == 0:
+            return TapeGrads(torch.cat([g_acc[:, :n_u].sum(0), g_ego_i], 0), gW, grel, gw1, gw2)
         g_e = self._buf("gE", (K, N, T, d), g_out).copy_(g_acc)  # = g_acc + g_next (no g_next on top)
         gh_buf = self._buf("gH", (K, N, T, d), g_out)
         gm_buf = self._buf("gM", (K, N * T, d), g_out)
@@ -333,8 +428,9 @@ class MainTape(_Tape):
             del g_h
             # g_e of layer l-1 (or the ego cotangent) = g_acc + Âᵀ g_m
             g_e.copy_(g_acc)
-            self.msg.backward(g_m.view(K, N, T * d), out=g_e.view(K, N, T * d), accumulate=True)
-        g_ego = g_e.sum(0) if L > 0 else g_acc.sum(0)
+            self.msg.backward(g_m.view(K, N, T * d), g_e.view(K, N, T * d),
+                              g_ego_i.view(n_i, T * d) if l == 0 else None)
+        g_ego = torch.cat([g_e[:, :n_u].sum(0), g_ego_i], 0)
         return TapeGrads(g_ego, gW, grel, gw1, gw2)
 
 
@@ -352,12 +448,15 @@ class ViewTape(_Tape):
         m, main = self.model, self.main
         K, L, d = m.n_behaviors, m.n_layers, m.dim
         cdm = m.use_cdm and K > 1
-        N = ego0.shape[0]
-        x = ego0
-        acc = self._buf("acc", (N, d), ego0).copy_(ego0)
+        n_u = m.n_users
+        N = self.n_loc
+        x_u, x_i = ego0[:n_u], ego0[n_u:]
+        acc = self._buf("acc", (N, d), ego0).zero_()
+        pending: list = []
         self.layers = []
         for l in range(L):
-            msg = self.msg.forward(x, shared=True, out=self._buf(f"m{l}", (1, N, d), ego0))[0]  # [N, d]
+            msg = self.msg.forward(x_u, x_i, shared=True, out=self._buf(f"m{l}", (1, N, d), ego0),
+                                   pending=pending)[0]  # [N, d]
             Wp = main.rel[l][K - 1].unsqueeze(-1) * m.W_gc[l].detach()
             h = torch.mm(msg, Wp, out=self._buf(f"h{l}", (N, d), ego0))
             F.leaky_relu_(h, SLOPE)
@@ -374,13 +473,19 @@ class ViewTape(_Tape):
                 sv.t, sv.att = t, att
             else:
                 e = self._buf(f"e{l % 2}", (N, d), ego0).copy_(h)
-            sv.mask = _drop_mask(m, (), generator, e.dtype, e.device, out=self._buf(f"mask{l}", (N, d), ego0))
+            sv.mask = _drop_mask(m, (), generator, e.dtype, e.device, self.comm,
+                                 out=self._buf(f"mask{l}", (N, d), ego0))
             if sv.mask is not None:
                 e.mul_(sv.mask)
             self.layers.append(sv)
             acc.add_(e)
-            x = e
-        return acc / (L + 1)
+            if l < L - 1:
+                x_u = e[:n_u]
+                x_i, pending = self.msg.gather(e[n_u:].unsqueeze(0), "x_items", async_op=True)
+                x_i = x_i[0]
+        if L == 0:
+            return ego0.clone()
+        return _readout(acc.unsqueeze(0), ego0, n_u, m.n_items, L, self.msg)[0]
 
     @torch.no_grad()
     def backward(self, g_v: torch.Tensor, extra_h: list, extra_logits: list, grads: TapeGrads, task: int) -> None:
@@ -390,8 +495,13 @@ class ViewTape(_Tape):
         m, main = self.model, self.main
         K, L, d = m.n_behaviors, m.n_layers, m.dim
         cdm = m.use_cdm and K > 1
-        g_acc = g_v / (L + 1)
-        N = g_v.shape[0]
+        n_u, n_i = m.n_users, m.n_items
+        if L == 0:
+            grads.ego[:, task] += g_v
+            return
+        g_acc, g_ego_i = _readout_backward((g_v / (L + 1)).unsqueeze(0), n_u, n_i, self.msg, self._buf)
+        g_acc = g_acc[0]
+        N = self.n_loc
         g_e = self._buf("gE", (N, d), g_v).copy_(g_acc)  # = g_acc + g_next (no g_next on top)
         for l in reversed(range(L)):
             sv = self.layers[l]
@@ -424,5 +534,6 @@ class ViewTape(_Tape):
             g_m = torch.mm(g_h, (r.unsqueeze(-1) * W).T, out=self._buf("gM", (N, d), g_v))
             del g_h
             g_e.copy_(g_acc)  # the SpMMs accumulate Âᵀ g_m onto the readout cotangent
-            self.msg.backward(g_m.unsqueeze(0), out=g_e.unsqueeze(0), accumulate=True)
-        grads.ego[:, task] += g_e if L > 0 else g_v
+            self.msg.backward(g_m.unsqueeze(0), g_e.unsqueeze(0), g_ego_i if l == 0 else None)
+        grads.ego[:n_u, task] += g_e[:n_u]
+        grads.ego[n_u:, task] += g_ego_i

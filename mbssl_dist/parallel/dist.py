@@ -17,6 +17,48 @@ from .comm import Comm
 log = logging.getLogger(__name__)
 
 
+# torch >= 2.10 renamed these (the old names warn); torch 2.2 only has the old ones
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _rs(comm: "DistComm", send: torch.Tensor, out: torch.Tensor, async_op: bool = False):
+    """out = this rank's chunk of sum over ranks of send ([P, *out.shape]); flat views, since
+    the backends chunk along dim 0. Returns ``out``, or the work handle with ``async_op``."""
+    comm._count(send, comm.world_size - 1, comm.world_size)
+    work = _reduce_scatter(out.view(-1), send.contiguous().view(-1), op=dist.ReduceOp.SUM, async_op=async_op)
+    return work if async_op else out
+
+
+def _ag(comm: "DistComm", t: torch.Tensor, out: torch.Tensor, async_op: bool = False):
+    comm._count(out, comm.world_size - 1, comm.world_size)
+    work = _all_gather(out.view(-1), t.contiguous().view(-1), async_op=async_op)
+    return work if async_op else out
+
+
+class _ReduceScatterSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: "DistComm") -> torch.Tensor:
+        ctx.comm = comm
+        return _rs(comm, x, x.new_empty(x.shape[1:]))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        comm = ctx.comm
+        return _ag(comm, g, g.new_empty((comm.world_size,) + tuple(g.shape))), None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: "DistComm") -> torch.Tensor:
+        ctx.comm = comm
+        return _ag(comm, x, x.new_empty((comm.world_size,) + tuple(x.shape)))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return _rs(ctx.comm, g, g.new_empty(g.shape[1:])), None
+
+
 class _AllReduceSum(torch.autograd.Function):
     """y = sum_r x_r on every rank. If every rank's loss depends on y, the gradient of the
     global loss (sum over ranks) w.r.t. x_r is sum_r dL_r/dy: an all-reduce of the grads."""
@@ -25,14 +67,14 @@ class _AllReduceSum(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, comm: "DistComm") -> torch.Tensor:
         ctx.comm = comm
         y = x.clone()
-        comm._count(y)
+        comm._count(y, 2 * (comm.world_size - 1), comm.world_size)
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         g = g.clone()
-        ctx.comm._count(g)
+        ctx.comm._count(g, 2 * (ctx.comm.world_size - 1), ctx.comm.world_size)
         dist.all_reduce(g, op=dist.ReduceOp.SUM)
         return g, None
 
@@ -45,14 +87,14 @@ class _AllGatherCat(torch.autograd.Function):
         pad = x.new_zeros((maxn,) + tuple(x.shape[1:]))
         pad[: x.shape[0]] = x
         bufs = [torch.empty_like(pad) for _ in sizes]
-        comm._count(pad)
+        comm._count(pad, comm.world_size - 1, 1)
         dist.all_gather(bufs, pad.contiguous())
         return torch.cat([b[:n] for b, n in zip(bufs, sizes)], 0)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         g = g.contiguous().clone()
-        ctx.comm._count(g)
+        ctx.comm._count(g, 2 * (ctx.comm.world_size - 1), ctx.comm.world_size)
         dist.all_reduce(g, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
         return g[start: start + ctx.sizes[ctx.rank]], None, None, None
@@ -63,10 +105,13 @@ class DistComm(Comm):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = device or torch.device("cpu")
-        self.bytes_sent = 0  # payload bytes handed to collectives (for bench_dist)
+        self.bytes_sent = 0  # bytes this rank puts on the wire under ring algorithms (bench_dist)
 
-    def _count(self, t: torch.Tensor) -> None:
-        self.bytes_sent += t.numel() * t.element_size()
+    def _count(self, t: torch.Tensor, num: int = 2, den: int = 1) -> None:
+        """Charge ``num/den`` x the size of ``t``: a ring all-reduce of n bytes sends 2(P-1)/P·n
+        per rank, a reduce-scatter of an n-byte input or an all-gather into an n-byte output
+        (P-1)/P·n, an all-gather of an m-byte piece (P-1)·m."""
+        self.bytes_sent += t.numel() * t.element_size() * num // den
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return _AllReduceSum.apply(t, self)
@@ -76,13 +121,25 @@ class DistComm(Comm):
         sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
         dist.all_gather(sizes, n)
         sizes = [int(s.item()) for s in sizes]
-        self._count(n)
+        self._count(n, self.world_size - 1, 1)
         return _AllGatherCat.apply(t, sizes, self.rank, self)
 
     def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
-        self._count(t)
+        self._count(t, 2 * (self.world_size - 1), self.world_size)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    def reduce_scatter_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return _ReduceScatterSum.apply(t, self)
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return _AllGather.apply(t, self)
+
+    def reduce_scatter_sum_(self, send: torch.Tensor, out: torch.Tensor, async_op: bool = False):
+        return _rs(self, send, out, async_op)
+
+    def all_gather_(self, t: torch.Tensor, out: torch.Tensor, async_op: bool = False):
+        return _ag(self, t, out, async_op)
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         dist.broadcast(t, src=src)
