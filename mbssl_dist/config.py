@@ -82,6 +82,9 @@ class ModelConfig:
     interaction_scoring: bool = False
     """Beyond the paper: add learned per-behavior 'already interacted' weights and an item
     bias to the score. Off in paper-faithful configs."""
+    interaction_per_item: bool = False
+    """With interaction_scoring: one more learned weight per (behavior, item) on the 'already
+    interacted' indicator, i.e. per-item conversion from view/cart to buy."""
 
 
 @dataclass
@@ -329,6 +332,9 @@ def validate(cfg: Config) -> None:
         _positive(where, v, strict=False)
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout = {m.dropout}: must be in [0, 1)")
+    if m.interaction_per_item and not m.interaction_scoring:
+        raise ConfigError("model.interaction_per_item = true needs model.interaction_scoring = true "
+                          "(the per-item weights refine the interaction term)")
     if not 0 <= lo.intra_dropout < 1:
         raise ConfigError(f"loss.intra_dropout = {lo.intra_dropout}: must be in [0, 1)")
     if not 0 <= h.beta < 1:

@@ -145,6 +145,32 @@ def test_model_gradcheck_small():
             assert abs(fd - gr.reshape(-1)[idx].item()) < 1e-6 * max(1.0, abs(fd)), (prm.shape, idx)
 
 
+def test_interaction_per_item_score():
+    """score = base + b_i + Σ_k X_k[u, i] (w_k + v_{k,i}) with the target column masked."""
+    gs = _graphs(5)
+    m = MBSSL(NU, NI, K, dim=4, n_layers=1, att_dim=2, interaction_scoring=True, interaction_per_item=True,
+              dtype=D).eval()
+    with torch.no_grad():
+        m.behavior_weight.copy_(torch.tensor([0.5, -1.0, 7.0], dtype=D))
+        m.item_bias.copy_(torch.arange(NI, dtype=D))
+        m.behavior_item_weight.copy_(torch.randn(K, NI, generator=torch.Generator().manual_seed(3), dtype=D))
+    adjs = _adjs(gs)
+    X = [torch.from_numpy(g.to_scipy().toarray()).to(D) for g in gs]
+    users = torch.tensor([1, 4])
+    v = m.behavior_item_weight.detach()
+    with torch.no_grad():
+        p = m(adjs)
+        want = p.users[users, -1] @ (p.items[:, -1] * p.relations[-1]).T + torch.arange(NI, dtype=D)
+        for k, wk in enumerate([0.5, -1.0]):
+            want = want + X[k][users] * (wk + v[k])
+        got = m.recommend(users, adjs, user_items=[x.to_sparse_csr() for x in X])
+        assert torch.allclose(got, want)
+        # the pair form used by the losses (indicator rows + item ids) gives the same term
+        base = p.users[users[1], -1] @ (p.items[:, -1] * p.relations[-1]).T + torch.arange(NI, dtype=D)
+        ind = torch.stack([X[k][users[1]] for k in range(K)], 1)  # [NI, K]
+        assert torch.allclose(m.interaction_term(ind, torch.arange(NI)), got[1] - base)
+
+
 def test_interaction_scoring_score():
     gs = _graphs(5)
     m = MBSSL(NU, NI, K, dim=4, n_layers=1, att_dim=2, interaction_scoring=True, dtype=D).eval()
@@ -255,17 +281,20 @@ def test_make_generator_streams():
 
 @pytest.mark.parametrize("view_mode,use_cdm,interaction,n_layers", [
     ("target", True, False, 2), ("target", True, True, 3), ("target", False, False, 2), ("full", True, False, 2),
-    ("full", False, True, 1), ("target", True, False, 1)])
+    ("full", False, True, 1), ("target", True, False, 1), ("target", True, "per_item", 2)])
 def test_fast_batched_backward_matches_autograd_per_task(view_mode, use_cdm, interaction, n_layers):
     """The tape fast path (one batched reverse pass for all tasks) gives the same per-task
     gradients as one autograd pass per task, including None for unused parameters."""
     gs = _graphs(7)
     m = MBSSL(NU, NI, K, dim=4, n_layers=n_layers, att_dim=2, dtype=D, use_cdm=use_cdm,
-              interaction_scoring=interaction)
+              interaction_scoring=bool(interaction), interaction_per_item=interaction == "per_item")
+    interaction = bool(interaction)
     if interaction:
         with torch.no_grad():
             m.behavior_weight.copy_(torch.tensor([0.3, -0.2, 0.1], dtype=D))
             m.item_bias.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(0))
+            if m.interaction_per_item:
+                m.behavior_item_weight.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(1))
     cfg = TrainConfig(rec_weights=[0.2, 0.3, 0.5], c_neg=0.1, decay=0.01, tau=0.5, view_mode=view_mode)
     step = TrainStep(m, cfg)
     csr = [(g.indptr, g.indices) for g in gs]

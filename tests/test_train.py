@@ -81,6 +81,7 @@ def test_non_finite_loss_stops_with_task_epoch_step(tmp_path, caplog):
     ("model.norm=\"mean\"", "expected one of ['sym', 'row']"),
     ("loss.fn_users=900", "exceed swing.topn"),
     ("loss.lambdas=[1.0, 2.0]", "loss.lambdas has 2 values; the data has 3 behaviors"),
+    ("model.interaction_per_item=true", "needs model.interaction_scoring = true"),
 ])
 def test_config_errors_name_the_field(tmp_path, capsys, bad, expect):
     rc, _ = run(tmp_path, "bad", [bad, "train.epochs=1"])

@@ -188,6 +188,9 @@ class MBSSL(nn.Module):
             :meth:`interaction_term`); ``interaction_include_target`` lets the target
             behavior's own indicator in (off by default: on training positives it is a
             label leak and on evaluation candidates it is always 0).
+        interaction_per_item: with interaction scoring, the weight of behavior k's indicator
+            is ``w_k + v_{k,i}``: a learned per-item conversion (an item that is often bought
+            once carted gets a large ``v_{cart,i}``); K x n_items more replicated parameters.
         n_users_global / user_ids: the global user count and the global ids of the local rows
             (default: all users, identity), used so that init and dropout draws do not depend on
             the number of ranks.
@@ -197,7 +200,7 @@ class MBSSL(nn.Module):
     def __init__(self, n_users: int, n_items: int, n_behaviors: int, dim: int = 64, n_layers: int = 4,
                  att_dim: int = 16, dropout: float = 0.3, use_cdm: bool = True,
                  interaction_scoring: bool = False, interaction_include_target: bool = False,
-                 n_users_global: int | None = None, user_ids: torch.Tensor | None = None,
+                 interaction_per_item: bool = False, n_users_global: int | None = None, user_ids: torch.Tensor | None = None,
                  init_generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -214,6 +217,7 @@ class MBSSL(nn.Module):
         self.use_cdm = bool(use_cdm)
         self.interaction_scoring = bool(interaction_scoring)
         self.interaction_include_target = bool(interaction_include_target)
+        self.interaction_per_item = bool(interaction_per_item) and self.interaction_scoring
         self.n_users_global = int(n_users_global if n_users_global is not None else n_users)
         if user_ids is None:
             if self.n_users_global != self.n_users:
@@ -243,6 +247,10 @@ class MBSSL(nn.Module):
         else:
             self.register_parameter("behavior_weight", None)
             self.register_parameter("item_bias", None)
+        if self.interaction_per_item:
+            self.behavior_item_weight = nn.Parameter(torch.zeros(K, self.n_items, dtype=dtype))
+        else:
+            self.register_parameter("behavior_item_weight", None)
         self.reset_parameters(init_generator)
 
     # ------------------------------------------------------------------ init
@@ -273,6 +281,8 @@ class MBSSL(nn.Module):
         if self.interaction_scoring:
             self.behavior_weight.zero_()
             self.item_bias.zero_()
+        if self.interaction_per_item:
+            self.behavior_item_weight.zero_()
 
     # ------------------------------------------------------------ parameters
     def sharded_flags(self) -> list[bool]:
@@ -458,13 +468,21 @@ class MBSSL(nn.Module):
         return out
 
     # ------------------------------------------------------------- scoring
-    def interaction_term(self, indicators: torch.Tensor) -> torch.Tensor:
-        """s = indicators @ w for pairs with a [n_pairs, K] 0/1 indicator matrix (the target
-        column is masked unless ``interaction_include_target``)."""
+    def interaction_term(self, indicators: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """s = Σ_k ind_k (w_k + v_{k,i}) for pairs with a [n_pairs, K] 0/1 indicator matrix and
+        their ``items`` (needed with ``interaction_per_item``); the target column is masked
+        unless ``interaction_include_target``."""
         w = self.behavior_weight
+        keep = w.new_ones(self.n_behaviors)
         if not self.interaction_include_target:
-            w = torch.cat([w[:-1], w.new_zeros(1)])
-        return indicators.to(w.dtype) @ w
+            keep[-1] = 0.0
+        ind = indicators.to(w.dtype) * keep
+        s = ind @ w
+        if self.interaction_per_item:
+            if items is None:
+                raise ValueError("interaction_per_item needs the item of every pair")
+            s = s + (ind * self.behavior_item_weight[:, items].T).sum(1)
+        return s
 
     def score(self, prop: Propagated, users: torch.Tensor, items: torch.Tensor | None = None,
               user_items: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -487,7 +505,11 @@ class MBSSL(nn.Module):
                     rows = _select_rows_dense(X, users, s.dtype)
                     if items is not None:
                         rows = rows[:, items]
-                    s = s + w[k] * rows
+                    wk = w[k]
+                    if self.interaction_per_item:
+                        v = self.behavior_item_weight[k]
+                        wk = wk + (v if items is None else v[items])
+                    s = s + rows * wk
         return s
 
     @torch.no_grad()

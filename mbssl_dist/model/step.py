@@ -306,8 +306,10 @@ class TrainStep:
         bu = users[batch.users]
         inter_terms = None
         if m.interaction_scoring:
-            s_pos = m.interaction_term(batch.pos_indicators) if batch.pos_indicators is not None else None
-            s_supp = m.interaction_term(batch.supp_indicators) if batch.supp_indicators is not None else None
+            s_pos = m.interaction_term(batch.pos_indicators, batch.pos[-1][1]) \
+                if batch.pos_indicators is not None else None
+            s_supp = m.interaction_term(batch.supp_indicators, batch.supp_items) \
+                if batch.supp_indicators is not None else None
             inter_terms = InteractionTerms(m.item_bias, s_pos, batch.supp_rows, batch.supp_items, s_supp)
         rec, reg, _ = self.rec_loss(bu, items, relations, batch.pos, comm, inter_terms)
         losses = {"rec": rec}
@@ -369,7 +371,8 @@ class TrainStep:
         K, L, d = m.n_behaviors, m.n_layers, m.dim
         n_u, N = m.n_users, ctx["N"]
         users, items, views, relations = ctx["users"], ctx["items"], ctx["views"], ctx["relations"]
-        direct = [p for p in (m.behavior_weight, m.item_bias) if p is not None and p.requires_grad]
+        direct = [p for p in (m.behavior_weight, m.item_bias, m.behavior_item_weight)
+                  if p is not None and p.requires_grad]
         leaves = [users, items] + list(views) + [relations] + direct
         T = len(names)
         dt = users.dtype
