@@ -180,11 +180,16 @@ class RunConfig:
 
 @dataclass
 class DistConfig:
-    partition: Literal["edge-balanced", "metis"] = "edge-balanced"
-    """How users are assigned to ranks when no partition directory is given."""
+    partition: Literal["edge-balanced", "range", "metis"] = "edge-balanced"
+    """How users are assigned to ranks when no partition directory is given: ``range`` keeps
+    each rank's users one contiguous id range (its dropout-mask blocks are then local)."""
     partition_dir: str = ""
     """A directory written by ``python -m mbssl_dist.partition`` with as many parts as ranks;
     each rank then loads only its part."""
+    collectives: Literal["auto", "gloo", "shm"] = "auto"
+    """CPU jobs: how the per-layer reduce-scatters / all-gathers travel. ``shm``: through
+    shared memory (all ranks on one host); ``gloo``: gloo's TCP transport; ``auto``: shm when
+    every rank is on this host and the platform is x86-64 Linux, else gloo. GPU jobs use nccl."""
 
 
 @dataclass

@@ -354,7 +354,7 @@ def main(argv=None) -> int:
         return 2
     from .parallel.dist import init_distributed, shutdown
 
-    comm, device = init_distributed(cfg.train.device)
+    comm, device = init_distributed(cfg.train.device, cfg.dist.collectives)
     setup_logging(comm.rank)
     try:
         return train(cfg, comm, device, prepare_only=args.prepare_only)
@@ -363,7 +363,7 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     finally:
-        shutdown()
+        shutdown(comm)
 
 
 if __name__ == "__main__":

@@ -57,11 +57,20 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
             from mbssl_dist.parallel.dist import DistComm
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             dist.init_process_group("gloo", rank=rank, world_size=world)
-            comm = DistComm()
+            if "_shm" in overrides:
+                from mbssl_dist.parallel.shm import ShmComm
+
+                comm = ShmComm()
+            else:
+                comm = DistComm()
         else:
             comm = LocalComm()
         autograd = "_autograd" in overrides  # one autograd pass per task instead of the tape
-        cfg = small_config([o for o in overrides if o != "_autograd"])
+        if "_small_mask_blocks" in overrides:  # many dropout-mask blocks on this tiny graph
+            import mbssl_dist.model.mbssl as M
+
+            M.MASK_BLOCK_ROWS = 16
+        cfg = small_config([o for o in overrides if not o.startswith("_")])
         ds = load_prepared(data_dir)
         part = local_part_from_dataset(ds, assign, rank)
         run = build_model(cfg, ds, part, comm, torch.device("cpu"), fn_table(ds.n_users, 3, 1),
@@ -86,6 +95,8 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
                    Path(out_dir) / f"rank{rank}.pt")
         if world > 1:
             dist.barrier()
+            if hasattr(comm, "close"):
+                comm.close()
             dist.destroy_process_group()
     except Exception:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
@@ -174,6 +185,8 @@ CASES = {
     # all-gather) and the tape's full-propagation views
     "autograd": ["_autograd"],
     "full_views": ["loss.view_propagation=\"full\""],
+    # reduce-scatter / all-gather through shared memory instead of gloo
+    "shm": ["_shm", "model.interaction_scoring=true", "model.interaction_per_item=true"],
 }
 
 
@@ -228,3 +241,36 @@ def test_row_slices_cover_every_row_once():
             rows = [r for p in range(P) for r in range(sl.start(p), sl.stop(p))]
             assert rows == list(range(n)), (n, P)
             assert all(0 <= sl.count(p) <= sl.size for p in range(P)) and sl.size * P >= n
+
+
+def test_range_parts_with_many_mask_blocks(tiny_data, tmp_path):
+    """Contiguous user ranges (dist.partition = "range") and dropout masks drawn in many
+    small blocks: each rank draws only its blocks, and P = 1, 2, 3 still agree."""
+    from mbssl_dist.partition.core import assign_range
+
+    ds = load_prepared(tiny_data)
+    deg = np.bincount(ds.train_user, minlength=ds.n_users)
+    ref = run_world(1, tiny_data, balanced(ds.n_users, 1), ["_small_mask_blocks"], tmp_path / "p1")
+    for P in (2, 3):
+        res = run_world(P, tiny_data, assign_range(deg, P), ["_small_mask_blocks"], tmp_path / f"p{P}")
+        assert_same(ref, res, f"range P={P}")
+
+
+@pytest.mark.parametrize("method", ["edge-balanced", "range", "metis"])
+def test_shard_users_in_memory(tiny_data, method):
+    """``dist.partition`` without a partition directory: every rank computes the same
+    assignment in memory; the parts cover every user exactly once."""
+    from mbssl_dist.parallel.comm import LocalComm
+    from mbssl_dist.parallel.layout import shard_users
+
+    ds = load_prepared(tiny_data)
+
+    class Rank(LocalComm):
+        def __init__(self, rank: int, world: int):
+            self.rank, self.world_size = rank, world
+
+    for P in (2, 3):
+        parts = [shard_users(ds, Rank(r, P), method) for r in range(P)]
+        users = np.sort(np.concatenate([p.users for p in parts]))
+        assert np.array_equal(users, np.arange(ds.n_users)), method
+        assert sum(p.graph.target.nnz for p in parts) == int((ds.train_behavior == ds.n_behaviors - 1).sum())

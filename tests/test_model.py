@@ -354,3 +354,20 @@ def test_batch_to_device_copies_every_tensor():
     assert c.users.device.type == "meta" and c.user_anchors.fn_indices.device.type == "meta"
     assert all(t.device.type == "meta" for pair in c.pos for t in pair)
     assert b.users.device.type == "cpu"  # the original is untouched
+
+
+@pytest.mark.parametrize("head", [(), (3,)])
+def test_block_uniform_rows_do_not_depend_on_which_rows_are_drawn(head):
+    """A row's dropout uniforms depend only on (seed, side, global id): drawing any subset of
+    rows, in any order, over several blocks gives the same rows as drawing all of them."""
+    from mbssl_dist.model.mbssl import MASK_BLOCK_ROWS, block_uniform
+
+    n = 2 * MASK_BLOCK_ROWS + 37
+    full = block_uniform(head, torch.arange(n), n, 4, 12345, 0, "cpu")
+    assert full.shape == head + (n, 4)
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:500]
+    sub = block_uniform(head, ids, n, 4, 12345, 0, "cpu")
+    assert torch.equal(sub, full.index_select(len(head), ids))
+    other = block_uniform(head, torch.arange(n), n, 4, 12345, 1, "cpu")  # another side / seed differs
+    assert not torch.equal(other, full)
+    assert 0.45 < full.mean().item() < 0.55

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -51,10 +53,10 @@ def worker(args) -> None:
     from mbssl_dist.parallel.layout import shard_users, target_views
     from mbssl_dist.train import build_model, epoch_permutation
 
-    comm, device = init_distributed("cpu")
+    comm, device = init_distributed("cpu", args.collectives)
     cfg = load_config(None, [f"train.batch_size={args.batch_size}", "loss.fn_users=0", "loss.fn_items=0"])
     ds = load_prepared(args.data)
-    part = shard_users(ds, comm, "edge-balanced")
+    part = shard_users(ds, comm, args.partition)
     run = build_model(cfg, ds, part, comm, device)
     perm = epoch_permutation(ds.n_users, cfg.train.seed, 0)
     views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, cfg.train.seed, 0, comm, cfg.model.norm)
@@ -99,10 +101,10 @@ def worker(args) -> None:
     ring = 2 * (P - 1) / P
     analytic = ring * 4 * (main * (1 + n_tasks) + views * 2 + n_tasks * replicated + 2 * K * d * d)
     if comm.rank == 0:
-        print(json.dumps({"P": comm.world_size, "step_s": t_step, "prop_s": float(np.median(times)),
+        print(json.dumps({"P": comm.world_size, "comm": type(comm).__name__, "step_s": t_step, "prop_s": float(np.median(times)),
                           "bytes_per_step": bytes_step, "analytic_bytes": analytic if comm.world_size > 1 else 0,
                           "users_per_rank": part.n_local, "n_items": I}), flush=True)
-    shutdown()
+    shutdown(comm)
 
 
 def main() -> None:
@@ -111,26 +113,44 @@ def main() -> None:
     ap.add_argument("--ranks", default="1,2,3,4")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--collectives", default="auto",
+                    help="comma list of dist.collectives settings to compare (auto, gloo, shm)")
+    ap.add_argument("--partition", default="edge-balanced", help="user assignment (edge-balanced, range, metis)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the concurrent-copies ceiling")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the whole list this many times, interleaved, and report medians (2 cores are noisy)")
     ap.add_argument("--prop-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
     cores = os.cpu_count() or 1
     rows = []
-    for P in [int(x) for x in args.ranks.split(",")]:
+    runs = [(P, c) for P in [int(x) for x in args.ranks.split(",")] for c in args.collectives.split(",")
+            if P > 1 or c == args.collectives.split(",")[0]] * max(1, args.repeat)
+    for P, coll in runs:
         env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
         with tempfile.TemporaryDirectory() as td:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(P),
                    "--log-dir", td, str(Path(__file__).resolve()), "--worker", "--data", args.data,
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--collectives", coll, "--partition", args.partition]
             r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"P={P} failed")
         line = [x for x in r.stdout.splitlines() if x.startswith("{")][-1]
         rows.append(json.loads(line))
+    # medians over the repetitions of each (P, transport)
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["P"], r["comm"]), []).append(r)
+    rows = []
+    for g in groups.values():
+        med = dict(g[0])
+        for k in ("step_s", "prop_s", "bytes_per_step"):
+            med[k] = float(np.median([r[k] for r in g]))
+        med["n"] = len(g)
+        rows.append(med)
     ceiling = {}
     if not args.no_ceiling:
         for P in sorted({r["P"] for r in rows if 1 < r["P"] <= cores}):
@@ -147,14 +167,15 @@ def main() -> None:
             ceiling[P] = max(json.loads([x for x in o.splitlines() if x.startswith("{")][-1])["prop_s"]
                              for o, _ in outs)
     base = rows[0]["prop_s"] if rows and rows[0]["P"] == 1 else None
-    print(f"dataset {args.data}, batch {args.batch_size}, {args.steps} timed steps, 1 thread per rank, {cores} cores")
-    print(f"{'P':>3} {'note':<16} {'users/rank':>10} {'s/step':>8} {'prop s':>8} {'MB/step':>9} "
+    print(f"dataset {args.data}, partition {args.partition}, batch {args.batch_size}, {args.steps} timed steps, 1 thread per rank, {cores} cores, "
+          f"medians of {max(1, args.repeat)} interleaved repetition(s)")
+    print(f"{'P':>3} {'note':<16} {'comm':<9} {'users/rank':>10} {'s/step':>8} {'prop s':>8} {'MB/step':>9} "
           f"{'analytic MB':>11} {'ratio':>6} {'prop eff':>8}")
     for r in rows:
         note = "oversubscribed" if r["P"] > cores else ""
         eff = base / (r["P"] * r["prop_s"]) if base else float("nan")
         ratio = r["bytes_per_step"] / r["analytic_bytes"] if r["analytic_bytes"] else float("nan")
-        print(f"{r['P']:>3} {note:<16} {r['users_per_rank']:>10} {r['step_s']:>8.3f} {r['prop_s']:>8.3f} "
+        print(f"{r['P']:>3} {note:<16} {r['comm']:<9} {r['users_per_rank']:>10} {r['step_s']:>8.3f} {r['prop_s']:>8.3f} "
               f"{r['bytes_per_step'] / 1e6:>9.2f} {r['analytic_bytes'] / 1e6:>11.2f} {ratio:>6.2f} {eff:>8.2f}")
     for P, t in ceiling.items():
         if base:

@@ -67,6 +67,46 @@ class Propagated:
     layer_rel: list[torch.Tensor] = field(default_factory=list, repr=False)
 
 
+MASK_BLOCK_ROWS = 2048  # global rows per independently seeded block of a dropout mask
+_M64 = (1 << 64) - 1
+
+
+def _block_seed(base: int, side: int, block: int) -> int:
+    """splitmix64 of (base, side, block): the seed of one mask block."""
+    x = (base + 0x9E3779B97F4A7C15 * (2 * block + side + 1)) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+def block_uniform(head: tuple[int, ...], ids: torch.Tensor, n_total: int, d: int, base: int, side: int,
+                  device) -> torch.Tensor:
+    """Uniform [0, 1) draws of shape ``head + [len(ids), d]`` whose rows depend only on
+    (base, side, global row id): global rows are cut into blocks of ``MASK_BLOCK_ROWS``, each
+    drawn from its own generator, so a rank draws only the blocks its rows fall in (its item
+    slice: about 1/P of them) and the masks do not depend on the number of ranks."""
+    B = MASK_BLOCK_ROWS
+    ax = len(head)
+    ids = ids.to(torch.int64).cpu()
+    if ids.numel() == 0:
+        return torch.empty(head + (0, d), device=device)
+    blk = ids // B
+    blocks = torch.unique(blk).tolist()
+    parts, offs = [], torch.zeros(blocks[-1] + 1, dtype=torch.int64)
+    pos = 0
+    for b in blocks:
+        n_b = min(B, n_total - b * B)
+        g = torch.Generator(device=device).manual_seed(_block_seed(base, side, b))
+        parts.append(torch.rand(head + (n_b, d), generator=g, device=device))
+        offs[b] = pos
+        pos += n_b
+    cat = parts[0] if len(parts) == 1 else torch.cat(parts, ax)
+    idx = offs[blk] + ids % B
+    if idx.numel() == pos and bool(torch.equal(idx, torch.arange(pos))):
+        return cat
+    return cat.index_select(ax, idx.to(cat.device))
+
+
 def _xavier_bound(fan_in: int, fan_out: int) -> float:
     return math.sqrt(6.0 / (fan_in + fan_out))
 
@@ -325,23 +365,34 @@ class MBSSL(nn.Module):
     def _drop_mask(self, shape_head: tuple[int, ...], generator: torch.Generator | None,
                    device, dtype, comm: Comm) -> torch.Tensor | None:
         """Inverted-dropout multipliers, shape head + [n_users + S, d] (local users, this rank's
-        item slice, zero padding); None when not training. Rows are drawn for all global users
-        and all items and then selected, so any number of ranks draws what one process does."""
+        item slice, zero padding); None when not training (see :meth:`drop_uniforms`)."""
+        uni = self.drop_uniforms(shape_head, generator, comm)
+        if uni is None:
+            return None
+        mu, mi = uni
+        p = self.dropout
+        ax = len(shape_head)
+        _, n_s, S = self.item_rows(comm)
+        pad = mi.new_zeros(shape_head + (S - n_s, self.dim))
+        return ((torch.cat([mu, mi, pad], ax) >= p).to(dtype) * (1.0 / (1.0 - p))).to(device)
+
+    def drop_uniforms(self, head: tuple[int, ...], generator: torch.Generator | None,
+                      comm: Comm) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The uniforms behind one dropout mask: (local users [*head, n_users, d], this rank's
+        item slice [*head, n_s, d]); None when not training. One draw from ``generator`` seeds
+        the call; rows come from per-block generators keyed by global ids (:func:`block_uniform`),
+        so every rank draws what one process would for the same rows, and no more blocks."""
         if not self.training or self.dropout <= 0.0:
             return None
         if generator is None:
             raise ValueError("training-mode forward with dropout needs a torch.Generator (rank-consistent randomness)")
-        p = self.dropout
-        scale = 1.0 / (1.0 - p)
-        gen_dev = generator.device
-        ax = len(shape_head)
-        i0, n_s, S = self.item_rows(comm)
-        mu = torch.rand(shape_head + (self.n_users_global, self.dim), generator=generator, device=gen_dev)
-        if self.user_ids is not None:
-            mu = mu.index_select(ax, self.user_ids.to(gen_dev))
-        mi = torch.rand(shape_head + (self.n_items, self.dim), generator=generator, device=gen_dev).narrow(ax, i0, n_s)
-        pad = mi.new_zeros(shape_head + (S - n_s, self.dim))
-        return ((torch.cat([mu, mi, pad], ax) >= p).to(dtype) * scale).to(device)
+        dev = generator.device
+        base = int(torch.randint(0, 1 << 62, (1,), generator=generator, device=dev).item())
+        i0, n_s, _ = self.item_rows(comm)
+        uids = self.user_ids if self.user_ids is not None else torch.arange(self.n_users)
+        mu = block_uniform(head, uids, self.n_users_global, self.dim, base, 0, dev)
+        mi = block_uniform(head, torch.arange(i0, i0 + n_s), self.n_items, self.dim, base, 1, dev)
+        return mu, mi
 
     def _messages(self, adjs: Sequence[Adjacency], x_u: torch.Tensor, x_i: torch.Tensor, comm: Comm) -> torch.Tensor:
         """Â x per behavior: x_u [K', n_users, d] (local users), x_i [K', n_items, d] (all

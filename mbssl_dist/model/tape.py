@@ -74,40 +74,22 @@ def workspace(model: MBSSL) -> Workspace:
 
 def _drop_mask(model: MBSSL, head: tuple[int, ...], generator, dtype, device, comm: Comm,
                out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Inverted-dropout multipliers [*head, n_users + S, d] (users, item slice, padding): the
-    same draws as ``MBSSL._drop_mask`` (global rows drawn, local rows selected)."""
-    if not model.training or model.dropout <= 0.0:
+    """Inverted-dropout multipliers [*head, n_users + S, d] (users, item slice, padding) from
+    the same draws as ``MBSSL._drop_mask`` (:meth:`MBSSL.drop_uniforms`), written into ``out``."""
+    uni = model.drop_uniforms(head, generator, comm)
+    if uni is None:
         return None
-    if generator is None:
-        raise ValueError("training-mode forward with dropout needs a torch.Generator (rank-consistent randomness)")
+    mu, mi = uni
     p, d = model.dropout, model.dim
-    n_u, n_i = model.n_users, model.n_items
-    i0, n_s, S = model.item_rows(comm)
-    scale = 1.0 / (1.0 - p)
-    dev = generator.device
+    n_u = model.n_users
+    _, n_s, S = model.item_rows(comm)
     if out is None:
         out = torch.empty(head + (n_u + S, d), dtype=dtype, device=device)
     ax = len(head)
-    mu = torch.rand(head + (model.n_users_global, d), generator=generator, device=dev)
-    if model.user_ids is not None and not _identity_ids(model):
-        mu = mu.index_select(ax, model.user_ids.to(dev))
-    mi = torch.rand(head + (n_i, d), generator=generator, device=dev)
     out.narrow(ax, 0, n_u).copy_(mu >= p)
-    out.narrow(ax, n_u, n_s).copy_(mi.narrow(ax, i0, n_s) >= p)
+    out.narrow(ax, n_u, n_s).copy_(mi >= p)
     out.narrow(ax, n_u + n_s, S - n_s).zero_()
-    return out.mul_(scale)
-
-
-def _identity_ids(model: MBSSL) -> bool:
-    """True when the local user rows are all global users in order (single process)."""
-    flag = getattr(model, "_ids_identity", None)
-    ids = model.user_ids
-    if flag is None or flag[0] is not ids:
-        ok = ids.numel() == model.n_users_global and bool(
-            torch.equal(ids.cpu(), torch.arange(model.n_users_global, dtype=ids.dtype)))
-        flag = (ids, ok)
-        model._ids_identity = flag  # type: ignore[attr-defined]
-    return flag[1]
+    return out.mul_(1.0 / (1.0 - p))
 
 
 @dataclass
@@ -148,7 +130,7 @@ class _Messages:
             if P == 1:
                 op_iu.mm_into(xu, out[k, n_u:])
                 continue
-            send = self._buf(f"rs_send{k}", (P * S, out.shape[-1]), out)
+            send = self._send(f"rs_send{k}", (P * S, out.shape[-1]), out)
             send[n_i:].zero_()
             op_iu.mm_into(xu, send[:n_i])
             works.append(self.comm.reduce_scatter_sum_(send.view(P, S, -1), out[k, n_u:], async_op=True))
@@ -159,6 +141,13 @@ class _Messages:
         for w in works:
             w.wait()
         return out
+
+    def _send(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Send buffer of the next reduce-scatter: the transport's own (shared memory: the
+        SpMM then writes straight into it) or a workspace buffer."""
+        n = shape[0] * shape[1]
+        t = self.comm.reduce_scatter_send_buffer(n, like.dtype, like.device)
+        return t.view(shape) if t is not None else self._buf(name, shape, like)
 
     def gather(self, e_i: torch.Tensor, name: str, async_op: bool = False):
         """[K, S, C] item slices of every rank -> [K, P·S, C] (rows >= n_items are padding);
@@ -193,7 +182,7 @@ class _Messages:
             elif P == 1:
                 op_ui.mm_into(g[k, :n_u], out[k, n_u:], transpose=True, accumulate=True)
             else:
-                send = self._buf(f"rs_send{k}", (P * S, C), g)
+                send = self._send(f"rs_send{k}", (P * S, C), g)
                 send[n_i:].zero_()
                 op_ui.mm_into(g[k, :n_u], send[:n_i], transpose=True)
                 part = self._buf(f"rs_out{k}", (S, C), g)

@@ -85,6 +85,11 @@ class Comm:
     def barrier(self) -> None:
         pass
 
+    def reduce_scatter_send_buffer(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """A flat buffer the caller may fill as the ``send`` of its *next*
+        :meth:`reduce_scatter_sum_` to skip one copy (shared-memory transports), or None."""
+        return None
+
     def slices(self, n: int) -> RowSlices:
         """The row slices of ``n`` replicated rows (e.g. items) over the ranks."""
         return RowSlices(int(n), self.world_size)

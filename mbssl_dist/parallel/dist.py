@@ -149,9 +149,10 @@ class DistComm(Comm):
         dist.barrier()
 
 
-def init_distributed(device_pref: str = "auto") -> tuple[Comm, torch.device]:
+def init_distributed(device_pref: str = "auto", collectives: str = "auto") -> tuple[Comm, torch.device]:
     """Initialise the process group when launched by torchrun (WORLD_SIZE set), choosing
-    nccl for GPUs and gloo on CPU; otherwise return a ``LocalComm``."""
+    nccl for GPUs and gloo on CPU; otherwise return a ``LocalComm``. ``collectives`` (CPU
+    only): ``shm``, ``gloo`` or ``auto`` (see ``DistConfig.collectives``)."""
     from .comm import LocalComm
 
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
@@ -168,9 +169,19 @@ def init_distributed(device_pref: str = "auto") -> tuple[Comm, torch.device]:
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
         log.info("rank %d/%d: process group up (%s) on %s", dist.get_rank(), dist.get_world_size(), backend, device)
+    if not use_cuda:
+        from .shm import ShmComm, shm_supported, single_host
+
+        if collectives == "shm" and not single_host():
+            raise RuntimeError("dist.collectives = 'shm' needs every rank on one host (LOCAL_WORLD_SIZE == WORLD_SIZE)")
+        if collectives == "shm" or (collectives == "auto" and single_host() and shm_supported()):
+            log.info("rank %d: reduce-scatter / all-gather through shared memory", dist.get_rank())
+            return ShmComm(device), device
     return DistComm(device), device
 
 
-def shutdown() -> None:
+def shutdown(comm: Comm | None = None) -> None:
+    if comm is not None and hasattr(comm, "close"):
+        comm.close()
     if dist.is_initialized():
         dist.destroy_process_group()

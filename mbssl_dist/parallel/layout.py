@@ -54,8 +54,7 @@ def shard_users(ds, comm: Comm, method: str = "edge-balanced", partition_dir: st
     elif method == "edge-balanced":
         assign = assign_edge_balanced(np.bincount(ds.train_user, minlength=ds.n_users), P)
     else:
-        edges = EdgeList(ds.train_user.astype(np.int64), ds.train_item.astype(np.int64),
-                         ds.train_behavior.astype(np.int64), ds.n_users, ds.n_items, list(ds.behaviors))
+        edges = EdgeList.from_graph(MultiBehaviorGraph.from_dataset(ds))
         assign, _ = compute_assignment(edges, P, method, seed)
     return local_part_from_dataset(ds, np.asarray(assign), comm.rank)
 

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
     p.add_argument("--parts", type=int, required=True, help="number of parts P (>= 1, <= n_users)")
     p.add_argument("--method", required=True, choices=METHODS,
-                   help="edge-balanced: greedy LPT on user degree; metis: pymetis on the bipartite "
+                   help="edge-balanced: greedy LPT on user degree; range: contiguous id ranges balanced "
+                        "on degree; metis: pymetis on the bipartite "
                         "user+item graph; dgl: dgl.distributed.partition_graph (needs .venv-dgl)")
     p.add_argument("--out", type=Path, required=True, help="output partition directory")
     p.add_argument("--seed", type=int, default=0, help="METIS / DGL seed (default 0)")

@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 KIND = "mbssl_dist.partition"
 MANIFEST = "manifest.json"
-METHODS = ("edge-balanced", "metis", "dgl")
+METHODS = ("edge-balanced", "range", "metis", "dgl")
 DEFAULT_USER_SLACK = 0.05
 METIS_UFACTOR = 1  # METIS load imbalance tolerance in 1/1000 (1.001)
 
@@ -159,6 +159,28 @@ def assign_edge_balanced(user_degree: np.ndarray, n_parts: int,
     return out
 
 
+def assign_range(user_degree: np.ndarray, n_parts: int) -> np.ndarray:
+    """Contiguous user-id ranges with balanced cost, cost(u) = degree(u) + mean degree (a
+    user's rows cost as much as its edges on average). Each rank's users are then one id
+    range, so per-block random draws keyed by global ids (dropout masks) stay local."""
+    deg = np.asarray(user_degree, dtype=np.float64)
+    n = len(deg)
+    _check_parts(n_parts, n)
+    cost = deg + (deg.mean() if n else 0.0)
+    cum = np.cumsum(cost)
+    total = cum[-1] if n else 0.0
+    # part p starts at the first user whose cumulative cost exceeds p/P of the total
+    starts = np.searchsorted(cum, total * np.arange(1, n_parts) / n_parts, side="right").tolist()
+    prev = 0
+    for j in range(n_parts - 1):  # strictly increasing, leaving a user for every later part
+        starts[j] = min(max(starts[j], prev + 1), n - (n_parts - 1 - j))
+        prev = starts[j]
+    out = np.zeros(n, dtype=np.int16)
+    for p, s in enumerate(starts, start=1):
+        out[s:] = p
+    return out
+
+
 def _repair_empty_parts(assign: np.ndarray, n_parts: int, weight: np.ndarray) -> int:
     """Give every empty part one user (lowest-weight user, lowest id, of the largest part)."""
     moved = 0
@@ -228,6 +250,9 @@ def compute_assignment(edges: EdgeList, n_parts: int, method: str, seed: int = 0
         a = assign_edge_balanced(edges.total_user_degree(), n_parts, slack)
         return a, {"algorithm": "greedy LPT by total user degree, ties by user id; user cap "
                                 "ceil((1+user_slack)*n_users/P)", "user_slack": slack}
+    if method == "range":
+        return assign_range(edges.total_user_degree(), n_parts), {
+            "algorithm": "contiguous user-id ranges balancing degree + mean degree"}
     if method == "metis":
         return assign_metis(edges, n_parts, seed)
     from .dgl_backend import assign_dgl
