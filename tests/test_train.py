@@ -101,3 +101,13 @@ def test_mlflow_logging(tmp_path):
     assert "git_commit" in tags and len(tags["dataset_sha256"]) == 64
     arts = {p.name for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()}
     assert {"final.json", "metrics.jsonl", "curves.png", "config.toml"} <= arts
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.stem)
+def test_shipped_configs_validate(path):
+    """Every config in configs/ parses and passes validation (data-independent checks)."""
+    from mbssl_dist.config import load_config
+
+    cfg = load_config(str(path), [])
+    assert cfg.run.name
