@@ -82,6 +82,9 @@ class ModelConfig:
     interaction_scoring: bool = False
     """Beyond the paper: add learned per-behavior 'already interacted' weights and an item
     bias to the score. Off in paper-faithful configs."""
+    init_scale: float = 1.0
+    """Multiplier on the xavier-uniform bound of the user and item embeddings (1 = the
+    authors' init). Larger values shorten the early plateau of large-batch runs."""
     interaction_per_item: bool = False
     """With interaction_scoring: one more learned weight per (behavior, item) on the 'already
     interacted' indicator, i.e. per-item conversion from view/cart to buy."""
@@ -337,6 +340,8 @@ def validate(cfg: Config) -> None:
         _positive(where, v, strict=False)
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout = {m.dropout}: must be in [0, 1)")
+    if not m.init_scale > 0:
+        raise ConfigError(f"model.init_scale = {m.init_scale}: must be > 0")
     if m.interaction_per_item and not m.interaction_scoring:
         raise ConfigError("model.interaction_per_item = true needs model.interaction_scoring = true "
                           "(the per-item weights refine the interaction term)")

@@ -371,3 +371,13 @@ def test_block_uniform_rows_do_not_depend_on_which_rows_are_drawn(head):
     other = block_uniform(head, torch.arange(n), n, 4, 12345, 1, "cpu")  # another side / seed differs
     assert not torch.equal(other, full)
     assert 0.45 < full.mean().item() < 0.55
+
+
+def test_init_scale_multiplies_embedding_bounds_only():
+    a = MBSSL(NU, NI, K, dim=4, n_layers=1, att_dim=2, dtype=D)
+    b = MBSSL(NU, NI, K, dim=4, n_layers=1, att_dim=2, dtype=D, init_scale=10.0)
+    assert torch.allclose(b.user_embedding, 10 * a.user_embedding)
+    assert torch.allclose(b.item_embedding, 10 * a.item_embedding)
+    assert torch.equal(b.W_gc[0], a.W_gc[0]) and torch.equal(b.relation_embedding, a.relation_embedding)
+    with pytest.raises(ValueError, match="init_scale"):
+        MBSSL(NU, NI, K, dim=4, n_layers=1, init_scale=0.0)

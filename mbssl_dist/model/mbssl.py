@@ -235,13 +235,18 @@ class MBSSL(nn.Module):
             (default: all users, identity), used so that init and dropout draws do not depend on
             the number of ranks.
         init_generator: generator for the xavier-uniform init (default: seeded with 2020).
+        init_scale: multiplier on the xavier bound of the user and item embeddings (1 = the
+            authors' init). Xavier over ~10^4 rows gives entries of about 0.01, and Adam grows
+            them by about lr per step, so a large-batch run (few steps per epoch) spends its
+            first epochs on a plateau; a larger scale starts closer to useful magnitudes.
     """
 
     def __init__(self, n_users: int, n_items: int, n_behaviors: int, dim: int = 64, n_layers: int = 4,
                  att_dim: int = 16, dropout: float = 0.3, use_cdm: bool = True,
                  interaction_scoring: bool = False, interaction_include_target: bool = False,
                  interaction_per_item: bool = False, n_users_global: int | None = None, user_ids: torch.Tensor | None = None,
-                 init_generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 init_generator: torch.Generator | None = None, init_scale: float = 1.0,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -259,6 +264,9 @@ class MBSSL(nn.Module):
         self.interaction_include_target = bool(interaction_include_target)
         self.interaction_per_item = bool(interaction_per_item) and self.interaction_scoring
         self.n_users_global = int(n_users_global if n_users_global is not None else n_users)
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        self.init_scale = float(init_scale)
         if user_ids is None:
             if self.n_users_global != self.n_users:
                 raise ValueError("user_ids (global ids of the local rows) are required when n_users_global != n_users")
@@ -305,11 +313,12 @@ class MBSSL(nn.Module):
         def uni(shape, bound):
             return (torch.rand(shape, generator=g, dtype=torch.float64) * 2.0 - 1.0) * bound
 
-        full_u = uni((self.n_users_global, d), _xavier_bound(self.n_users_global, d))
+        s = self.init_scale
+        full_u = uni((self.n_users_global, d), s * _xavier_bound(self.n_users_global, d))
         if self.user_ids is not None:
             full_u = full_u[self.user_ids]
         self.user_embedding.copy_(full_u)
-        self.item_embedding.copy_(uni((self.n_items, d), _xavier_bound(self.n_items, d)))
+        self.item_embedding.copy_(uni((self.n_items, d), s * _xavier_bound(self.n_items, d)))
         self.relation_embedding.copy_(uni((self.n_behaviors, d), _xavier_bound(self.n_behaviors, d)))
         for W in list(self.W_gc) + list(self.W_rel):
             W.copy_(uni((d, d), _xavier_bound(d, d)))
