@@ -15,7 +15,7 @@ echo "== torch $($PY -c 'import torch; print(torch.__version__, torch.version.cu
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
 echo "== 1. distributed + model tests"
-timeout 300 $PY -m pytest -q tests/test_distributed.py tests/test_model.py tests/test_losses.py tests/test_hmg.py
+timeout 420 $PY -m pytest -q tests/test_distributed.py tests/test_model.py tests/test_losses.py tests/test_hmg.py
 
 run() {  # name, then train args
   local name=$1; shift
