@@ -10,8 +10,8 @@ flags, and every rank reads what it needs straight from the others' segments (a 
 
 Only the no-autograd ``reduce_scatter_sum_`` / ``all_gather_`` (what the tape uses) change;
 everything else is :class:`DistComm` over the same gloo process group. Segments are files in
-``/dev/shm`` that are unlinked as soon as every rank has mapped them, so nothing is left
-behind even if a rank dies. Buffers are double-buffered per kind: a rank reuses a segment
+``/dev/shm`` (or the temporary directory when /dev/shm lacks room) that are unlinked as soon
+as every rank has mapped them, so nothing is left behind even if a rank dies. Buffers are double-buffered per kind: a rank reuses a segment
 only two collectives of that kind later, after every rank has passed the barrier of the
 collective in between, so no reader can still be reading it.
 
@@ -56,8 +56,6 @@ class ShmComm(DistComm):
         obj = [uuid.uuid4().hex if self.rank == 0 else None]
         dist.broadcast_object_list(obj, src=0)
         self._prefix = f"mbssl-{obj[0][:16]}"
-        self._dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
-            else tempfile.gettempdir()
         self._maps: list[mmap.mmap] = []
         self._flags = [np.frombuffer(m, dtype=np.int64) for m in self._shared("flags", 64)]
         self._gen = 0
@@ -67,8 +65,11 @@ class ShmComm(DistComm):
     # ---------------------------------------------------------------- plumbing
     def _shared(self, name: str, nbytes: int) -> list:
         """Collective: every rank creates a segment of ``nbytes`` and maps everyone's.
-        Returns the P mmaps in rank order."""
-        path = os.path.join(self._dir, f"{self._prefix}-{name}-{self.rank}")
+        Returns the P mmaps in rank order. The segments go to /dev/shm when every rank sees
+        room there for all of them (a full tmpfs would kill the writer with SIGBUS; containers
+        often give /dev/shm only 64 MB), else to the temporary directory (page-cache backed)."""
+        d = self._pick_dir(nbytes)
+        path = os.path.join(d, f"{self._prefix}-{name}-{self.rank}")
         fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, nbytes)
@@ -77,12 +78,23 @@ class ShmComm(DistComm):
         dist.barrier()  # every segment exists
         maps = []
         for p in range(self.world_size):
-            with open(os.path.join(self._dir, f"{self._prefix}-{name}-{p}"), "r+b") as f:
+            with open(os.path.join(d, f"{self._prefix}-{name}-{p}"), "r+b") as f:
                 maps.append(mmap.mmap(f.fileno(), nbytes))
         dist.barrier()  # every rank has mapped every segment
         os.unlink(path)
         self._maps += maps
         return maps
+
+    def _pick_dir(self, nbytes: int) -> str:
+        need = 2 * nbytes * self.world_size
+        try:
+            st = os.statvfs("/dev/shm")
+            ok = int(os.access("/dev/shm", os.W_OK) and st.f_bavail * st.f_frsize > need)
+        except OSError:
+            ok = 0
+        flag = torch.tensor([ok], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank picks the same directory
+        return "/dev/shm" if int(flag.item()) else tempfile.gettempdir()
 
     def _sync(self) -> None:
         """Spin barrier on the shared flags (yielding the core when a peer is behind)."""
