@@ -54,6 +54,31 @@ def to_toml(d: dict) -> str:
     return "\n".join(out)
 
 
+def _lock_run_dir(out_dir: Path):
+    """Hold an exclusive lock on ``out_dir`` for this run: two runs with the same run.name
+    would otherwise truncate and interleave each other's metrics.jsonl. The lock is an flock,
+    so a crashed run never leaves it behind."""
+    import fcntl
+    import socket
+
+    from .config import ConfigError
+
+    f = open(out_dir / ".run.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"run.name: {out_dir} is being written by a running job ({holder}); "
+                          f"choose another run.name or run.output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 class RunLogger:
     """Writes run outputs; a no-op on ranks other than the main one."""
 
@@ -63,9 +88,11 @@ class RunLogger:
         self.out_dir = Path(out_dir)
         self.records: list[dict] = []
         self._mlflow = None
+        self._lock = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_run_dir(self.out_dir)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.metrics_path.write_text("")
         self.timings_path = self.out_dir / "timings.jsonl"
@@ -137,6 +164,13 @@ class RunLogger:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._mlflow.log_metric(mlflow_name(f"final/{k}"), float(v))
             self._mlflow.end_run(status=status)
+        self.release()
+
+    def release(self) -> None:
+        """Give up the output directory (also happens when the process exits)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def plot_curves(self) -> Path | None:
         try:

@@ -111,3 +111,17 @@ def test_shipped_configs_validate(path):
 
     cfg = load_config(str(path), [])
     assert cfg.run.name
+
+
+def test_run_dir_is_locked_while_a_run_writes_it(tmp_path):
+    """Two live runs with the same run.name would interleave metrics.jsonl: the second one
+    is refused with a config error naming run.name; after finish the directory is free."""
+    from mbssl_dist.config import ConfigError
+    from mbssl_dist.tracking import RunLogger
+
+    a = RunLogger(tmp_path / "r", True, False)
+    with pytest.raises(ConfigError, match="run.name"):
+        RunLogger(tmp_path / "r", True, False)
+    a.finish({"ok": 1})
+    b = RunLogger(tmp_path / "r", True, False)  # free again
+    b.release()
