@@ -371,19 +371,25 @@ class MBSSL(nn.Module):
         sl = comm.slices(self.n_items)
         return sl.start(comm.rank), sl.count(comm.rank), sl.size
 
-    def _drop_mask(self, shape_head: tuple[int, ...], generator: torch.Generator | None,
-                   device, dtype, comm: Comm) -> torch.Tensor | None:
+    def drop_mask(self, head: tuple[int, ...], generator: torch.Generator | None, comm: Comm,
+                  dtype, device, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """Inverted-dropout multipliers, shape head + [n_users + S, d] (local users, this rank's
-        item slice, zero padding); None when not training (see :meth:`drop_uniforms`)."""
-        uni = self.drop_uniforms(shape_head, generator, comm)
+        item slice, zero padding), written into ``out`` when given; None when not training (see
+        :meth:`drop_uniforms`). The autograd path and the tape both take their masks here."""
+        uni = self.drop_uniforms(head, generator, comm)
         if uni is None:
             return None
         mu, mi = uni
         p = self.dropout
-        ax = len(shape_head)
+        ax = len(head)
+        n_u = self.n_users
         _, n_s, S = self.item_rows(comm)
-        pad = mi.new_zeros(shape_head + (S - n_s, self.dim))
-        return ((torch.cat([mu, mi, pad], ax) >= p).to(dtype) * (1.0 / (1.0 - p))).to(device)
+        if out is None:
+            out = torch.empty(head + (n_u + S, self.dim), dtype=dtype, device=device)
+        out.narrow(ax, 0, n_u).copy_(mu >= p)
+        out.narrow(ax, n_u, n_s).copy_(mi >= p)
+        out.narrow(ax, n_u + n_s, S - n_s).zero_()
+        return out.mul_(1.0 / (1.0 - p))
 
     def drop_uniforms(self, head: tuple[int, ...], generator: torch.Generator | None,
                       comm: Comm) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -443,7 +449,7 @@ class MBSSL(nn.Module):
         all-gathered for the next layer's user messages (and, at the end, the readout).
         """
         comm = comm or LocalComm()
-        K, L, d = self.n_behaviors, self.n_layers, self.dim
+        K, L = self.n_behaviors, self.n_layers
         if len(adjs) != K:
             raise ValueError(f"expected {K} adjacencies, got {len(adjs)}")
         n_u = self.n_users
@@ -457,7 +463,7 @@ class MBSSL(nn.Module):
             if keep_layers:
                 layer_h.append(h)
             e = self._cdm(h)
-            mask = self._drop_mask((K,), generator, e.device, e.dtype, comm)
+            mask = self.drop_mask((K,), generator, comm, e.dtype, e.device)
             if mask is not None:
                 e = e * mask
             acc = e if acc is None else acc + e
@@ -492,7 +498,7 @@ class MBSSL(nn.Module):
         comm = comm or LocalComm()
         if mode not in VIEW_MODES:
             raise ValueError(f"view mode must be one of {VIEW_MODES}, got {mode!r}")
-        K, L, d = self.n_behaviors, self.n_layers, self.dim
+        K, L = self.n_behaviors, self.n_layers
         n_u = self.n_users
         out = []
         if mode == "full":
@@ -514,7 +520,7 @@ class MBSSL(nn.Module):
                     e = self._cdm(torch.cat([base.layer_h[l][:K - 1], h_t], 0), only=K - 1)
                 else:
                     e = h_t[0]
-                mask = self._drop_mask((), generator, e.device, e.dtype, comm)
+                mask = self.drop_mask((), generator, comm, e.dtype, e.device)
                 if mask is not None:
                     e = e * mask
                 acc = e if acc is None else acc + e

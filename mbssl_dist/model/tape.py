@@ -72,26 +72,6 @@ def workspace(model: MBSSL) -> Workspace:
     return ws
 
 
-def _drop_mask(model: MBSSL, head: tuple[int, ...], generator, dtype, device, comm: Comm,
-               out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Inverted-dropout multipliers [*head, n_users + S, d] (users, item slice, padding) from
-    the same draws as ``MBSSL._drop_mask`` (:meth:`MBSSL.drop_uniforms`), written into ``out``."""
-    uni = model.drop_uniforms(head, generator, comm)
-    if uni is None:
-        return None
-    mu, mi = uni
-    p, d = model.dropout, model.dim
-    n_u = model.n_users
-    _, n_s, S = model.item_rows(comm)
-    if out is None:
-        out = torch.empty(head + (n_u + S, d), dtype=dtype, device=device)
-    ax = len(head)
-    out.narrow(ax, 0, n_u).copy_(mu >= p)
-    out.narrow(ax, n_u, n_s).copy_(mi >= p)
-    out.narrow(ax, n_u + n_s, S - n_s).zero_()
-    return out.mul_(1.0 / (1.0 - p))
-
-
 @dataclass
 class _Saved:
     m: torch.Tensor  # messages, [K, N, d] (views: [N, d])
@@ -123,17 +103,14 @@ class _Messages:
         ``pending``: handles of the all-gather still filling ``x_i``. Order: the item partials
         (local users only) first, their reduce-scatters launched asynchronously, then the wait
         for ``x_i`` and the user messages, so the SpMMs run while the bytes move."""
-        n_u, n_i, P, S = self.n_u, self.n_i, self.P, self.S
+        n_u, n_i, P = self.n_u, self.n_i, self.P
         works = []
         for k, (_, op_iu) in enumerate(self.ops):
             xu = x_u if shared else x_u[k]
             if P == 1:
                 op_iu.mm_into(xu, out[k, n_u:])
                 continue
-            send = self._send(f"rs_send{k}", (P * S, out.shape[-1]), out)
-            send[n_i:].zero_()
-            op_iu.mm_into(xu, send[:n_i])
-            works.append(self.comm.reduce_scatter_sum_(send.view(P, S, -1), out[k, n_u:], async_op=True))
+            works.append(self.scatter(k, out, lambda rows: op_iu.mm_into(xu, rows), out[k, n_u:]))
         for w in pending:
             w.wait()
         for k, (op_ui, _) in enumerate(self.ops):
@@ -142,12 +119,19 @@ class _Messages:
             w.wait()
         return out
 
-    def _send(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """Send buffer of the next reduce-scatter: the transport's own (shared memory: the
-        SpMM then writes straight into it) or a workspace buffer."""
-        n = shape[0] * shape[1]
-        t = self.comm.reduce_scatter_send_buffer(n, like.dtype, like.device)
-        return t.view(shape) if t is not None else self._buf(name, shape, like)
+    def scatter(self, k: int, like: torch.Tensor, fill, out: torch.Tensor):
+        """Start the reduce-scatter of behavior ``k``'s item rows: ``fill(rows)`` writes this
+        rank's partial [n_items, C] into the send buffer (the transport's own when it has one,
+        e.g. shared memory, so the SpMM writes straight into it; else a workspace buffer; the
+        padding rows are zeroed), and this rank's slice of the sum lands in ``out`` ([S, C]).
+        Returns the handle."""
+        P, S, n_i = self.P, self.S, self.n_i
+        C = out.numel() // S
+        send = self.comm.reduce_scatter_send_buffer(P * S * C, like.dtype, like.device)
+        send = send.view(P * S, C) if send is not None else self._buf(f"rs_send{k}", (P * S, C), like)
+        send[n_i:].zero_()
+        fill(send[:n_i])
+        return self.comm.reduce_scatter_sum_(send.view(P, S, C), out.view(S, C), async_op=True)
 
     def gather(self, e_i: torch.Tensor, name: str, async_op: bool = False):
         """[K, S, C] item slices of every rank -> [K, P·S, C] (rows >= n_items are padding);
@@ -182,11 +166,9 @@ class _Messages:
             elif P == 1:
                 op_ui.mm_into(g[k, :n_u], out[k, n_u:], transpose=True, accumulate=True)
             else:
-                send = self._send(f"rs_send{k}", (P * S, C), g)
-                send[n_i:].zero_()
-                op_ui.mm_into(g[k, :n_u], send[:n_i], transpose=True)
                 part = self._buf(f"rs_out{k}", (S, C), g)
-                rs.append((k, part, self.comm.reduce_scatter_sum_(send.view(P, S, C), part, async_op=True)))
+                fill = lambda rows: op_ui.mm_into(g[k, :n_u], rows, transpose=True)  # noqa: E731 (runs at once)
+                rs.append((k, part, self.scatter(k, g, fill, part)))
         for w in ag:
             w.wait()
         for k, (_, op_iu) in enumerate(self.ops):
@@ -246,15 +228,10 @@ def _readout_backward(g: torch.Tensor, n_u: int, n_i: int, msg: _Messages, buf) 
     torch.sum(g[:, n_u:], 0, out=g_ego_i)
     if msg.P == 1:
         return g, g_ego_i
-    P, S = msg.P, msg.S
-    g_acc = buf("gAcc", (K, n_u + S) + rest, g)
+    g_acc = buf("gAcc", (K, n_u + msg.S) + rest, g)
     g_acc[:, :n_u] = g[:, :n_u]
-    works = []
-    for k in range(K):
-        send = buf(f"rs_send{k}", (P * S,) + rest, g)
-        send[n_i:].zero_()
-        send[:n_i] = g[k, n_u:]
-        works.append(msg.comm.reduce_scatter_sum_(send.view((P, S) + rest), g_acc[k, n_u:], async_op=True))
+    works = [msg.scatter(k, g, lambda rows: rows.view_as(g[k, n_u:]).copy_(g[k, n_u:]), g_acc[k, n_u:])
+             for k in range(K)]
     for w in works:
         w.wait()
     return g_acc, g_ego_i
@@ -317,8 +294,8 @@ class MainTape(_Tape):
                 sv.t, sv.att, sv.logits = t, att, logits
             else:
                 e.copy_(h)
-            sv.mask = _drop_mask(m, (K,), generator, e.dtype, e.device, self.comm,
-                                 out=self._buf(f"mask{l}", (K, N, d), ego0))
+            sv.mask = m.drop_mask((K,), generator, self.comm, e.dtype, e.device,
+                                  out=self._buf(f"mask{l}", (K, N, d), ego0))
             if sv.mask is not None:
                 e.mul_(sv.mask)
             self.layers.append(sv)
@@ -462,8 +439,8 @@ class ViewTape(_Tape):
                 sv.t, sv.att = t, att
             else:
                 e = self._buf(f"e{l % 2}", (N, d), ego0).copy_(h)
-            sv.mask = _drop_mask(m, (), generator, e.dtype, e.device, self.comm,
-                                 out=self._buf(f"mask{l}", (N, d), ego0))
+            sv.mask = m.drop_mask((), generator, self.comm, e.dtype, e.device,
+                                  out=self._buf(f"mask{l}", (N, d), ego0))
             if sv.mask is not None:
                 e.mul_(sv.mask)
             self.layers.append(sv)

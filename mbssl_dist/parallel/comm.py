@@ -85,6 +85,9 @@ class Comm:
     def barrier(self) -> None:
         pass
 
+    def close(self) -> None:
+        """Release transport resources (shared-memory segments); the process group stays."""
+
     def reduce_scatter_send_buffer(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor | None:
         """A flat buffer the caller may fill as the ``send`` of its *next*
         :meth:`reduce_scatter_sum_` to skip one copy (shared-memory transports), or None."""

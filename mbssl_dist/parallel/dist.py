@@ -181,7 +181,7 @@ def init_distributed(device_pref: str = "auto", collectives: str = "auto") -> tu
 
 
 def shutdown(comm: Comm | None = None) -> None:
-    if comm is not None and hasattr(comm, "close"):
+    if comm is not None:
         comm.close()
     if dist.is_initialized():
         dist.destroy_process_group()
