@@ -145,6 +145,9 @@ class TrainConfig:
     """Global user batch size (split across ranks)."""
     lr: float = 1e-3
     """Adam learning rate."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam (β1, β2). (On pv-less Beibei at batch 4096, β2 = 0.99 or 0.9 instead of 0.999 did not
+    shorten the early plateau: README, "Large batches".)"""
     seed: int = 2020
     """Seed of everything random in training (init, batches, dropout, views)."""
     eval_every: int = 1
@@ -338,6 +341,8 @@ def validate(cfg: Config) -> None:
                      ("train.patience", t.patience), ("train.max_steps_per_epoch", t.max_steps_per_epoch),
                      ("loss.intra_weight", lo.intra_weight), ("loss.inter_weight", lo.inter_weight), ("train.threads", t.threads)]:
         _positive(where, v, strict=False)
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas = {t.adam_betas}: need two numbers in [0, 1), e.g. [0.9, 0.999]")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout = {m.dropout}: must be in [0, 1)")
     if not m.init_scale > 0:

@@ -69,7 +69,8 @@ def step_config(cfg: Config, K: int):
     c_neg = lo.neg_weight if len(lo.neg_weight) > 1 else lo.neg_weight[0]
     return StepConfig(rec_weights=lambdas, c_neg=c_neg, decay=lo.decay, tau=lo.tau, intra_weight=lo.intra_weight,
                       inter_weights=[lo.inter_weight] * (K - 1), use_intra=lo.use_intra, use_inter=lo.use_inter,
-                      fn_mode=lo.fn_mode, view_mode=lo.view_propagation, lr=cfg.train.lr, seed=cfg.train.seed,
+                      fn_mode=lo.fn_mode, view_mode=lo.view_propagation, lr=cfg.train.lr,
+                      adam_betas=tuple(cfg.train.adam_betas), seed=cfg.train.seed,
                       hmg_strategy=h.strategy, hmg_relax=h.relax, hmg_beta=h.beta, hmg_use_ema=h.norm_source == "ema")
 
 

@@ -82,6 +82,7 @@ def test_non_finite_loss_stops_with_task_epoch_step(tmp_path, caplog):
     ("loss.fn_users=900", "exceed swing.topn"),
     ("loss.lambdas=[1.0, 2.0]", "loss.lambdas has 2 values; the data has 3 behaviors"),
     ("model.interaction_per_item=true", "needs model.interaction_scoring = true"),
+    ("train.adam_betas=[0.9, 1.0]", "train.adam_betas = [0.9, 1.0]: need two numbers in [0, 1)"),
 ])
 def test_config_errors_name_the_field(tmp_path, capsys, bad, expect):
     rc, _ = run(tmp_path, "bad", [bad, "train.epochs=1"])
@@ -125,3 +126,15 @@ def test_run_dir_is_locked_while_a_run_writes_it(tmp_path):
     a.finish({"ok": 1})
     b = RunLogger(tmp_path / "r", True, False)  # free again
     b.release()
+
+
+def test_adam_betas_reach_the_optimizer():
+    from mbssl_dist.config import Config
+    from mbssl_dist.model import MBSSL, TrainStep
+    from mbssl_dist.train import step_config
+
+    cfg = Config()
+    cfg.train.adam_betas = [0.8, 0.95]
+    model = MBSSL(5, 4, 2, dim=4, n_layers=1, att_dim=2)
+    ts = TrainStep(model, step_config(cfg, 2))
+    assert ts.state.optimizer.param_groups[0]["betas"] == (0.8, 0.95)

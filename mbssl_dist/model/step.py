@@ -181,6 +181,7 @@ class TrainConfig:
     view_mode: str = "target"  # 'target' (fast) or 'full' (reference)
     item_extra_zero_logits: int = 0  # 1 = the reference's zero token item row
     lr: float = 1e-3
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 2020
     hmg_strategy: str = "hmg"
     hmg_relax: float = 0.7
@@ -255,7 +256,7 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.sharded = [p is model.user_embedding for p in self.params]
         if state is None:
-            opt = torch.optim.Adam(self.params, lr=config.lr)
+            opt = torch.optim.Adam(self.params, lr=config.lr, betas=tuple(config.adam_betas))
             hmg = HMG(len(self.tasks), config.hmg_strategy, config.hmg_relax, config.hmg_beta, config.hmg_use_ema)
             state = TrainState(opt, hmg, config.seed)
         self.state = state
