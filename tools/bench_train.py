@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import math
 import os
 import resource
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
                 continue
             res = json.loads(r.stdout.strip().splitlines()[-1])
             name = Path(data).name
-            ref = REFERENCE_S_PER_EPOCH.get(name)
+            # the trainer's cache directories are named <dataset>-<12-hex config hash>
+            ref = REFERENCE_S_PER_EPOCH.get(re.sub(r"-[0-9a-f]{12}$", "", name))
             vs = f"{ref / res['epoch_s']:.1f}x faster than the authors' {ref:.0f}s" if ref else "-"
             label = " (extrapolated)" if res["extrapolated"] else " (full epoch)"
             print(f"{name:<16s} {bs:>6d} {res['steps_per_epoch']:>8d} {res['step_mean_s']:>8.2f} "
