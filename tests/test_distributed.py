@@ -274,3 +274,20 @@ def test_shard_users_in_memory(tiny_data, method):
         users = np.sort(np.concatenate([p.users for p in parts]))
         assert np.array_equal(users, np.arange(ds.n_users)), method
         assert sum(p.graph.target.nnz for p in parts) == int((ds.train_behavior == ds.n_behaviors - 1).sum())
+
+
+@pytest.mark.parametrize("mode", ["edge", "node"])
+def test_single_process_views_equal_the_trainers(tiny_data, mode):
+    """``model.make_views`` (one process, whole graph) draws exactly the views the trainer's
+    ``target_views`` draws on one rank: same keep decisions, same view normalization."""
+    from mbssl_dist.model import make_views
+    from mbssl_dist.parallel.comm import LocalComm
+    from mbssl_dist.parallel.layout import local_part_from_dataset, target_views
+
+    ds = load_prepared(tiny_data)
+    part = local_part_from_dataset(ds, np.zeros(ds.n_users, np.int16), 0)
+    a = make_views(part.graph.target, mode, 0.5, 11, 2, "sym", torch.float64)
+    b = target_views(part, mode, 0.5, 11, 2, LocalComm(), "sym", torch.float64)
+    for (aui, aiu), (bui, biu) in zip(a, b):
+        assert torch.equal(aui.to_dense(), bui.to_dense()) and torch.equal(aiu.to_dense(), biu.to_dense())
+    assert not torch.equal(a[0][0].to_dense(), a[1][0].to_dense())

@@ -57,17 +57,23 @@ def test_global_degrees_override():
 
 
 def test_views_seeded_and_correct():
+    from mbssl_dist.graph import view_keep
+
     dense, g = random_graph(seed=1, n_users=40, n_items=30, p=0.3)
-    v1 = g.edge_dropout(0.5, torch.Generator().manual_seed(7))
-    v2 = g.edge_dropout(0.5, torch.Generator().manual_seed(7))
-    v3 = g.edge_dropout(0.5, torch.Generator().manual_seed(8))
+    u, i = g.rows().numpy(), g.indices.numpy()
+
+    def view(mode, seed, v=0):
+        return g.subgraph_edges(torch.from_numpy(view_keep(u, i, g.n_users, g.n_items, mode, 0.5, seed, 0, v)))
+
+    v1, v2, v3 = view("edge", 7), view("edge", 7), view("edge", 8)
     assert torch.equal(v1.indices, v2.indices) and torch.equal(v1.indptr, v2.indptr)
     assert not torch.equal(v1.indptr, v3.indptr)
+    assert not torch.equal(v1.indptr, view("edge", 7, v=1).indptr)  # the epoch's two views differ
     assert 0.3 * g.nnz < v1.nnz < 0.7 * g.nnz
     sub = v1.to_scipy().toarray()
     assert ((sub > 0) <= (dense > 0)).all()  # a subgraph
     assert v1.user_deg.tolist() == sub.sum(1).tolist()  # renormalized on the view
-    n1 = g.node_dropout(0.5, torch.Generator().manual_seed(3))
+    n1 = view("node", 3)
     m = n1.to_scipy().toarray() > 0
     assert (m <= (dense > 0)).all()
     # node dropout removes whole nodes: between a surely-kept user and a surely-kept item
@@ -75,8 +81,10 @@ def test_views_seeded_and_correct():
     ku, ki = m.any(1), m.any(0)
     assert (m[np.ix_(ku, ki)] == (dense[np.ix_(ku, ki)] > 0)).all()
     assert 0 < m.sum() < (dense > 0).sum()
-    with pytest.raises(ValueError):
-        g.edge_dropout(1.0, torch.Generator())
+    with pytest.raises(ValueError, match="p must be in"):
+        view_keep(u, i, g.n_users, g.n_items, "edge", 1.0, 0, 0, 0)
+    with pytest.raises(ValueError, match="view mode"):
+        view_keep(u, i, g.n_users, g.n_items, "walk", 0.5, 0, 0, 0)
 
 
 def _require_dgl():

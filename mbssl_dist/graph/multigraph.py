@@ -127,23 +127,6 @@ class BehaviorGraph:
             return BehaviorGraph(self.n_users, self.n_items, indptr, i.clone())
         return BehaviorGraph(self.n_users, self.n_items, indptr, i.clone(), self.user_deg, self.item_deg)
 
-    def edge_dropout(self, p: float, generator: torch.Generator) -> "BehaviorGraph":
-        """Random view keeping each edge independently with probability 1 - p (paper, rho)."""
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"edge dropout p must be in [0, 1), got {p}")
-        keep = torch.rand(self.nnz, generator=generator) >= p
-        return self.subgraph_edges(keep)
-
-    def node_dropout(self, p: float, generator: torch.Generator) -> "BehaviorGraph":
-        """Random view dropping each user and item node with probability p, with all its
-        edges (the authors' code: node dropout redrawn every epoch)."""
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"node dropout p must be in [0, 1), got {p}")
-        keep_u = torch.rand(self.n_users, generator=generator) >= p
-        keep_i = torch.rand(self.n_items, generator=generator) >= p
-        keep = keep_u[self.rows()] & keep_i[self.indices]
-        return self.subgraph_edges(keep)
-
     def to_scipy(self):
         import scipy.sparse as sp
 
@@ -191,3 +174,34 @@ class MultiBehaviorGraph:
     def user_degrees(self) -> torch.Tensor:
         """Total degree of each user over all behaviors (for edge-balanced partitioning)."""
         return sum(g.user_deg for g in self.graphs)
+
+
+def uniform_hash(keys: np.ndarray, seed: int, epoch: int, stream: int) -> np.ndarray:
+    """Counter-based uniform [0, 1) per key (splitmix64): the same for an edge whatever rank
+    holds it, so random views do not depend on the partition."""
+    with np.errstate(over="ignore"):
+        x = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        x ^= np.uint64((seed * 1_000_003 + epoch * 7919 + stream * 104_729) & 0xFFFFFFFFFFFFFFFF)
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def view_keep(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, mode: str, p: float,
+              seed: int, epoch: int, view: int) -> np.ndarray:
+    """Which edges (global user id, item id) random view ``view`` (0 or 1) of an epoch keeps.
+    ``edge``: each edge independently with probability 1 - p (the paper's ρ); ``node``: drop
+    each user and item node with probability p, with all its edges (the authors' code).
+    Decisions hash global ids, so any partition of the edges draws the same view."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"view dropout p must be in [0, 1), got {p}")
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    if mode == "edge":
+        return uniform_hash(users * n_items + items, seed, epoch, 2 * view) >= p
+    if mode == "node":
+        return (uniform_hash(users, seed, epoch, 2 * view) >= p) & \
+            (uniform_hash(items + n_users, seed, epoch, 2 * view + 1) >= p)
+    raise ValueError(f"view mode must be 'edge' or 'node', got {mode!r}")

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..graph import view_keep
 from ..parallel.comm import Comm, LocalComm
 from .hmg import HMG
 from .losses import (Anchors, InteractionTerms, InterBehaviorInfoNCE, IntraBehaviorInfoNCE, NonSamplingLoss)
@@ -151,19 +152,13 @@ def build_batch(csr: Sequence[tuple[torch.Tensor, torch.Tensor]], users: torch.T
 
 def make_views(graph, mode: str, p: float, seed: int, epoch: int, norm: str = "sym",
                dtype: torch.dtype = torch.float32, device="cpu") -> list[Adjacency]:
-    """Two random views of the target ``BehaviorGraph`` (``edge`` dropout, the paper's ρ, or
-    ``node`` dropout, the reference code) as (A_ui, A_iu) pairs; redrawn per epoch."""
-    g = make_generator(seed, epoch, -1, "views")
-    out = []
-    for _ in range(2):
-        if mode == "edge":
-            v = graph.edge_dropout(p, g)
-        elif mode == "node":
-            v = graph.node_dropout(p, g)
-        else:
-            raise ValueError(f"view mode must be 'edge' or 'node', got {mode!r}")
-        out.append(v.adjacency(norm, dtype, device))
-    return out
+    """Two random views of a whole target ``BehaviorGraph`` (one process) as (A_ui, A_iu)
+    pairs, renormalized on the view: the same keep decisions as the trainer's
+    ``parallel.layout.target_views`` (``graph.view_keep``)."""
+    rows, items = graph.rows().numpy(), graph.indices.numpy()
+    return [graph.subgraph_edges(torch.from_numpy(view_keep(rows, items, graph.n_users, graph.n_items, mode, p,
+                                                            seed, epoch, view))).adjacency(norm, dtype, device)
+            for view in range(2)]
 
 
 # ------------------------------------------------------------------------------ state

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..graph import BehaviorGraph, MultiBehaviorGraph
+from ..graph import BehaviorGraph, MultiBehaviorGraph, view_keep
 from ..partition import LocalPart, assign_edge_balanced, compute_assignment, load_partition
 from ..partition.core import EdgeList
 from .comm import Comm
@@ -87,19 +87,6 @@ class GradReducer:
         return out
 
 
-def _uniform_hash(keys: np.ndarray, seed: int, epoch: int, stream: int) -> np.ndarray:
-    """Counter-based uniform [0, 1) per key (splitmix64): the same for an edge whatever rank
-    holds it, so random views do not depend on the partition."""
-    with np.errstate(over="ignore"):
-        x = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        x ^= np.uint64((seed * 1_000_003 + epoch * 7919 + stream * 104_729) & 0xFFFFFFFFFFFFFFFF)
-        x += np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
 def target_views(part: LocalPart, mode: str, p: float, seed: int, epoch: int, comm: Comm, norm: str = "sym",
                  dtype: torch.dtype = torch.float32, device="cpu"):
     """Two random views of the target behavior (``edge`` or ``node`` dropout), identical
@@ -111,14 +98,7 @@ def target_views(part: LocalPart, mode: str, p: float, seed: int, epoch: int, co
     U, I = part.n_users_global, part.n_items
     out = []
     for view in range(2):
-        if mode == "edge":
-            keep = _uniform_hash(gu * I + gi, seed, epoch, 2 * view) >= p
-        elif mode == "node":
-            ku = _uniform_hash(np.arange(U, dtype=np.int64), seed, epoch, 2 * view) >= p
-            ki = _uniform_hash(np.arange(I, dtype=np.int64) + U, seed, epoch, 2 * view + 1) >= p
-            keep = ku[gu] & ki[gi]
-        else:
-            raise ValueError(f"view mode must be 'edge' or 'node', got {mode!r}")
+        keep = view_keep(gu, gi, U, I, mode, p, seed, epoch, view)
         keep_t = torch.from_numpy(keep)
         lu = g.rows()[keep_t]
         li = g.indices[keep_t]
