@@ -84,7 +84,8 @@ class ModelConfig:
     bias to the score. Off in paper-faithful configs."""
     init_scale: float = 1.0
     """Multiplier on the xavier-uniform bound of the user and item embeddings (1 = the
-    authors' init). Larger values shorten the early plateau of large-batch runs."""
+    authors' init). On pv-less Beibei 10 shortened the early plateau somewhat, 30 and 100 did
+    not learn in 5 epochs; HMG relax = 1 is what removed it (README, "Large batches")."""
     interaction_per_item: bool = False
     """With interaction_scoring: one more learned weight per (behavior, item) on the 'already
     interacted' indicator, i.e. per-item conversion from view/cart to buy."""

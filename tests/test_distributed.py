@@ -95,8 +95,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
                    Path(out_dir) / f"rank{rank}.pt")
         if world > 1:
             dist.barrier()
-            if hasattr(comm, "close"):
-                comm.close()
+            comm.close()
             dist.destroy_process_group()
     except Exception:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())

@@ -126,8 +126,10 @@ def main() -> None:
         return worker(args)
     cores = os.cpu_count() or 1
     rows = []
-    runs = [(P, c) for P in [int(x) for x in args.ranks.split(",")] for c in args.collectives.split(",")
-            if P > 1 or c == args.collectives.split(",")[0]] * max(1, args.repeat)
+    colls = args.collectives.split(",")
+    # one transport suffices at P = 1 (no collectives run)
+    runs = [(P, c) for P in [int(x) for x in args.ranks.split(",")] for c in colls
+            if P > 1 or c == colls[0]] * max(1, args.repeat)
     for P, coll in runs:
         env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
         with tempfile.TemporaryDirectory() as td:

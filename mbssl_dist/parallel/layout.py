@@ -93,15 +93,15 @@ def target_views(part: LocalPart, mode: str, p: float, seed: int, epoch: int, co
     for any number of ranks: keep decisions hash (global user, item) ids, and the view's item
     degrees are summed over ranks so normalization uses global view degrees."""
     g = part.graph.target
-    gu = part.users[g.rows().numpy()]
+    rows = g.rows()
+    gu = part.users[rows.numpy()]
     gi = g.indices.numpy()
     U, I = part.n_users_global, part.n_items
     out = []
     for view in range(2):
-        keep = view_keep(gu, gi, U, I, mode, p, seed, epoch, view)
-        keep_t = torch.from_numpy(keep)
-        lu = g.rows()[keep_t]
-        li = g.indices[keep_t]
+        keep = torch.from_numpy(view_keep(gu, gi, U, I, mode, p, seed, epoch, view))
+        lu = rows[keep]
+        li = g.indices[keep]
         udeg = torch.bincount(lu, minlength=g.n_users).to(torch.float64)
         ideg = torch.bincount(li, minlength=I).to(torch.float64)
         comm.all_reduce_sum_(ideg)
