@@ -319,7 +319,9 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         comm.barrier()
     else:
         path, doc = resume
+        t_load = time.time()
         load_state_tensors(ckpts, path, doc["tensors"], model, step, rows)
+        load_seconds = time.time() - t_load
         # state.epoch = the last epoch trained (the loop sets it again before each step)
         state.step = int(doc["step"])
         state.epoch = int(doc["epoch"]) - (1 if int(doc["batch"]) == 0 else 0)
@@ -333,6 +335,9 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                  {"git_commit": git_commit(), "dataset_sha256": ds.checksum(), "dataset": str(ds.path),
                   "world_size": str(comm.world_size), "device": str(device), "config_file": cfg.source},
                  resume=dict(resume[1]["logger"], step=resume[1]["step"]) if resume else None)
+    if resume:
+        logger.timing({"kind": "resume", "epoch": start_epoch, "step": state.step, "seconds": round(load_seconds, 4),
+                       "from_world_size": resume[1]["world_size"]})
 
     def save_checkpoint(epoch: int, batch: int, partial_results: list[dict]) -> None:
         t0 = time.time()
@@ -341,7 +346,11 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                 "history": history.state_dict(), "logger": logger.state_dict(), "config": cfg.to_dict(),
                 "dataset_sha256": ds.checksum(), "tensors": describe_tensors(tensors)}
         path = ckpts.save(state.step, tensors, meta)
-        log.info("checkpoint %s (%.2fs)", path, time.time() - t0)
+        seconds = time.time() - t0
+        size = sum(f.stat().st_size for f in path.iterdir()) if comm.is_main else 0
+        log.info("checkpoint %s (%.2fs, %.1f MB)", path, seconds, size / 1e6)
+        logger.timing({"kind": "checkpoint", "epoch": epoch, "step": state.step, "seconds": round(seconds, 4),
+                       "bytes": size})
 
     # 6. epochs; every exit is recorded (FINISHED / FAILED / KILLED) in run.json, final.json and MLflow
     U, B = ds.n_users, tc.batch_size

@@ -50,8 +50,8 @@ def test_learns_planted_structure_and_is_deterministic(tmp_path):
     kinds = {r["kind"] for r in recs}
     assert {"epoch", "valid", "test"} <= kinds
     ep = [r for r in recs if r["kind"] == "epoch"]
-    assert {"loss/rec", "loss/intra", "loss/inter_0", "loss/inter_1"} <= set(ep[0])
-    assert any(k.startswith("hmg/inter_0/") for k in ep[0])
+    assert {"loss/rec", "loss/intra", "loss/inter_view", "loss/inter_cart"} <= set(ep[0])
+    assert any(k.startswith("hmg/inter_view/") for k in ep[0])
     assert (out / "curves.png").stat().st_size > 1000 and (out / "config.toml").is_file()
     # same seed -> identical metrics.jsonl (the cached data and swing are reused)
     rc, out2 = run(tmp_path, "b", ["train.epochs=12", "train.patience=0"])
