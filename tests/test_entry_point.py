@@ -69,13 +69,14 @@ def runs(tmp_path_factory):
         return {"rc": p.returncode, "stdout": out, "stderr": err}
 
     res = {"tmp": tmp}
+    bad = start("bad", ["train.epochz=3"])  # needs no data: runs beside the preparation
     res["prepare"] = finish(start("prepare", [], nproc=2, prepare_only=True))
     res["prepare"]["cache"] = sorted(p.name for p in (tmp / "cache").iterdir()) if (tmp / "cache").exists() else []
     res["prepare"]["runs_exist"] = (tmp / "runs").exists()
     procs = {"one": start("one", []),
              "gloo": start("gloo", ['dist.collectives="gloo"'], nproc=2),
              "shm": start("shm", ['dist.collectives="shm"'], nproc=2),
-             "bad_config": start("bad", ["train.epochz=3"]),
+             "bad_config": bad,
              "nan": start("nan", NAN)}
     for k, p in procs.items():
         res[k] = finish(p)
