@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .config import Config, ConfigError, describe, load_config, validate_against_data
+from .evaluate import NonFiniteScoresError
 from .training import CheckpointError, CheckpointManager, EvalHistory
 from .training.checkpoint import ShardedRows, describe_tensors, load_state_tensors, state_tensors
 
@@ -405,7 +406,16 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
             last = epoch == tc.epochs - 1
             if (epoch + 1) % tc.eval_every == 0 or last:
                 t1 = time.time()
-                res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
+                try:
+                    res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
+                except NonFiniteScoresError:
+                    msg = (f"non-finite scores at the evaluation after epoch {epoch} (global step {state.step}): "
+                           f"the parameters diverged; lower train.lr")
+                    log.error("%s; stopping", msg)
+                    logger.record({"kind": "error", "epoch": epoch, "step": None, "task": "evaluation",
+                                   "message": msg})
+                    logger.finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, status="FAILED")
+                    return 3
                 eval_seconds = round(time.time() - t1, 3)
                 for ph in ("valid", "test"):
                     logger.record({"kind": ph, "epoch": epoch, **res[ph]}, step=epoch,
