@@ -347,11 +347,17 @@ def main(argv=None) -> int:
         print(describe())
         return 0
     setup_logging(0)
+    from .config import check_runtime
+    from .data.cache import prepared_dir_for
+    from .data.errors import DataError
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        log.error("config error: %s", e)
-        print(f"config error: {e}", file=sys.stderr)
+        check_runtime(cfg)  # train.device = "cuda" without a GPU
+        prepared_dir_for(cfg.data)  # a missing data.path fails here, on every rank
+    except (ConfigError, DataError) as e:
+        what = "data error" if isinstance(e, DataError) else "config error"
+        log.error("%s: %s", what, e)
+        print(f"{what}: {e}", file=sys.stderr)
         return 2
     from .parallel.dist import init_distributed, shutdown
 
@@ -359,9 +365,10 @@ def main(argv=None) -> int:
     setup_logging(comm.rank)
     try:
         return train(cfg, comm, device, prepare_only=args.prepare_only)
-    except ConfigError as e:
-        log.error("config error: %s", e)
-        print(f"config error: {e}", file=sys.stderr)
+    except (ConfigError, DataError) as e:
+        what = "data error" if isinstance(e, DataError) else "config error"
+        log.error("%s: %s", what, e)
+        print(f"{what}: {e}", file=sys.stderr)
         return 2
     finally:
         shutdown(comm)

@@ -177,7 +177,7 @@ def prepare_text(input_dir: Path, out: Path, *, behaviors=None, target=None, n_u
     check_output(out, [Path(input_dir)], overwrite)
     td = read_text_dir(Path(input_dir), behaviors, target, n_users, n_items)
     manifest = {"source": {"format": "text", "input": str(Path(input_dir).resolve())},
-                "inputs": _inputs(list(td.files.values()))}
+                "inputs": _inputs(list(td.files.values())), "behavior_order": td.order}
     ds = assemble(td.behaviors, td.users, td.items, td.test_user, td.test_item, td.n_users, td.n_items,
                   seed=seed, valid=valid, on_test_in_train=on_test_in_train, valid_aux=valid_aux,
                   test_file=str(td.files["test"]),
@@ -196,7 +196,7 @@ def prepare_table(input_path: Path, out: Path, *, behaviors=None, target=None, s
     td = read_table(input_path, behaviors, target, seed)
     manifest = {"source": {"format": "table", "input": str(input_path.resolve()),
                            "split": "timestamp" if td.timestamps is not None else "seeded"},
-                "inputs": _inputs([input_path]),
+                "inputs": _inputs([input_path]), "behavior_order": td.order,
                 "table": {"duplicate_rows_merged": td.duplicates_merged,
                           "users_without_test (single target interaction)": td.users_without_test}}
     ds = assemble(td.behaviors, td.users, td.items, td.test_user, td.test_item, len(td.user_ids),
