@@ -131,3 +131,281 @@ def test_prepare_read_only_out_fails_before_parsing(tmp_path):
             assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
+
+
+# ------------------------------------------------------------ table importer (#15)
+
+
+def parquet(path: Path, **cols) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+GOOD_ROWS = dict(user_id=["a", "a", "a", "b", "b"], item_id=["x", "y", "z", "x", "z"], behavior=["buy"] * 5)
+
+
+def prep_table(src: Path, tmp_path: Path, **kw):
+    from mbssl_dist.data.prepare import prepare_table
+
+    return prepare_table(src, tmp_path / "out", **kw)
+
+
+def table_error(src: Path, tmp_path: Path, **kw) -> str:
+    from mbssl_dist.data.prepare import prepare_table
+
+    with pytest.raises(DataError) as ei:
+        prepare_table(src, tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()
+    assert str(src) in str(ei.value)
+    return str(ei.value)
+
+
+def test_parquet_null_user_id_is_an_error_not_user_none(tmp_path):
+    src = parquet(tmp_path / "t.parquet", **(GOOD_ROWS | {"user_id": ["a", None, "a", "b", "b"]}))
+    assert "row 2: empty user_id" in table_error(src, tmp_path)
+    src = parquet(tmp_path / "i.parquet", **(GOOD_ROWS | {"user_id": [1, 1, None, 2, 2]}))  # integer ids too
+    assert "row 3: empty user_id" in table_error(src, tmp_path)
+
+
+def test_nan_timestamp_rejected(tmp_path):
+    src = parquet(tmp_path / "t.parquet", **GOOD_ROWS, timestamp=[1.0, float("nan"), 2.0, 3.0, 4.0])
+    assert "row 2: timestamp nan is not finite" in table_error(src, tmp_path)
+    src = parquet(tmp_path / "u.parquet", **GOOD_ROWS, timestamp=[1.0, 2.0, float("inf"), 3.0, 4.0])
+    assert "row 3: timestamp inf is not finite" in table_error(src, tmp_path)
+    csv = write(tmp_path, "t.csv", "user_id,item_id,behavior,timestamp\na,x,buy,1\na,y,buy,2\na,z,buy,NaN\n")
+    assert "t.csv:4 (field 'timestamp'): missing timestamp" in table_error(csv, tmp_path)
+
+
+def test_parquet_binary_column_invalid_utf8(tmp_path):
+    import pyarrow as pa
+
+    src = parquet(tmp_path / "t.parquet", **(GOOD_ROWS | {
+        "item_id": pa.array([b"x", b"y", b"\xff\xfe", b"x", b"z"], pa.binary())}))
+    assert "row 3: item_id b'\\xff\\xfe' is not valid UTF-8" in table_error(src, tmp_path)
+
+
+def test_parquet_rows_are_one_based(tmp_path):
+    src = parquet(tmp_path / "t.parquet", **(GOOD_ROWS | {"behavior": ["buy", "buy", "wink", "buy", "buy"]}))
+    assert "row 3: unknown behavior 'wink'" in table_error(src, tmp_path, behaviors=["view", "buy"])
+
+
+CSV_HEAD = "user_id,item_id,behavior,timestamp\n"
+# a blank line and a quoted field spanning two lines before the bad row: the reported line is
+# the real line in the file, not row + 2
+CSV_PRE = 'a,x,buy,1\n\n"b\nc",y,buy,2\n'
+
+
+@pytest.mark.parametrize("case,body,line,what", [
+    ("duplicate_header", CSV_HEAD, 6, "header line appears again"),
+    ("non_numeric_timestamp", "a,z,buy,noon\n", 6, "timestamp 'noon' is not a number"),
+    ("ragged_row", "a,z,buy,3,extra\n", 6, "expected 4 fields like the header, got 5"),
+    ("empty_item", "a,,buy,3\n", 6, "empty item_id"),
+])
+def test_csv_errors_name_the_one_based_line(tmp_path, case, body, line, what):
+    csv = write(tmp_path, "log.csv", CSV_HEAD + CSV_PRE + body + "b,x,buy,4\n")
+    msg = table_error(csv, tmp_path)
+    assert f"log.csv:{line}" in msg and what in msg, msg
+
+
+def test_csv_non_utf8_bytes_name_the_line(tmp_path):
+    csv = write(tmp_path, "log.csv", (CSV_HEAD + "a,x,buy,1\na,y,buy,2\n").encode() + b"a,caf\xe9,buy,3\n")
+    msg = table_error(csv, tmp_path)
+    assert "log.csv:4" in msg and "not UTF-8" in msg, msg
+
+
+def test_csv_five_megabyte_line_imports(tmp_path):
+    long_id = "y" * 5_000_000
+    csv = write(tmp_path, "log.csv", f"user_id,item_id,behavior\na,x,buy\na,{long_id},buy\na,z,buy\nb,x,buy\nb,z,buy\n")
+    ds = prep_table(csv, tmp_path)
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(tmp_path / "out" / "item_map.parquet").column("id").to_pylist()
+    assert sorted(ids) == sorted(["x", long_id, "z"])
+    assert len(ds.train_user) + len(ds.valid_user) + len(ds.test_user) == 5
+
+
+def test_directory_as_table_input_and_file_as_text_input(tmp_path):
+    (tmp_path / "d").mkdir()
+    assert "is a directory" in table_error(tmp_path / "d", tmp_path)
+    from mbssl_dist.data.prepare import prepare_text
+
+    f = write(tmp_path, "log.csv", "user_id,item_id,behavior\n")
+    with pytest.raises(DataError, match="log.csv: is a file; --format text reads a directory"):
+        prepare_text(f, tmp_path / "out")
+
+
+@pytest.mark.parametrize("sep,name", [("\t", "tab"), (";", "semicolon")])
+def test_delimiter_hint(tmp_path, sep, name):
+    csv = write(tmp_path, "log.tsv", sep.join(["user_id", "item_id", "behavior"]) + "\n" + sep.join("axb") + "\n")
+    msg = table_error(csv, tmp_path)
+    assert f"looks {name}-separated" in msg, msg
+
+
+def test_csv_bom_and_crlf_import_like_plain(tmp_path):
+    rows = "user_id,item_id,behavior\na,x,buy\na,y,buy\nb,x,buy\nb,z,buy\n"
+    plain = prep_table(write(tmp_path, "p.csv", rows), tmp_path / "p")
+    bom = prep_table(write(tmp_path, "b.csv", b"\xef\xbb\xbf" + rows.replace("\n", "\r\n").encode()), tmp_path / "b")
+    assert plain.checksum() == bom.checksum()
+
+
+# ------------------------------------------------------------ text importer (#15)
+
+
+def prep_text(src: Path, out: Path, **kw):
+    from mbssl_dist.data.prepare import prepare_text
+
+    return prepare_text(src, out, **kw)
+
+
+def test_text_bom_is_accepted(tmp_path):
+    plain = prep_text(text_dir(tmp_path / "a"), tmp_path / "oa")
+    bom = prep_text(text_dir(tmp_path / "b", **{"buy.txt": b"\xef\xbb\xbf0 1 3\n1 0 2\n2 4 3\n",
+                                                "test.txt": b"\xef\xbb\xbf0 2\r\n1 4\r\n2 0\r\n"}), tmp_path / "ob")
+    assert plain.checksum() == bom.checksum()
+
+
+def test_text_cr_only_line_endings(tmp_path):
+    src = text_dir(tmp_path / "in", **{"view.txt": b"0 1 2 3\r1 0 2\r2 3 4\r"})
+    with pytest.raises(DataError, match=r"view.txt:1: carriage return inside a line: CR-only"):
+        prep_text(src, tmp_path / "out")
+
+
+def test_text_non_utf8_and_sloppy_integers(tmp_path):
+    src = text_dir(tmp_path / "a", **{"cart.txt": b"0 1 3\n2 \xff4\n"})
+    with pytest.raises(DataError, match=r"cart.txt:2: bytes that are not UTF-8"):
+        prep_text(src, tmp_path / "o")
+    for tok in ["1_0", "+1", "\u0663", "1.0", "99999999999"]:
+        src = text_dir(tmp_path / f"t{len(tok)}{tok.isascii()}", **{"cart.txt": f"0 1 3\n2 {tok}\n"})
+        with pytest.raises(DataError, match=r"cart.txt:2: item id .*(not an integer|too large)"):
+            prep_text(src, tmp_path / "o")
+
+
+def test_missing_target_file_warns_and_manifest_records_order(tmp_path, caplog):
+    import json
+
+    src = text_dir(tmp_path / "in", **{"buy.txt": None})
+    (src / "buy.txt").unlink(missing_ok=True)
+    with caplog.at_level("WARNING"):
+        prep_text(src, tmp_path / "out", on_test_in_train="drop")
+    warn = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("target behavior is 'cart', not the conventional 'buy'" in w and "inferred" in w for w in warn), warn
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    bo = m["behavior_order"]
+    assert bo["behaviors"] == ["view", "cart"] and bo["target"] == "cart" == m["target"]
+    assert bo["chosen_by"].startswith("inferred") and len(bo["warnings"]) == 1
+    # the conventional layout: no warning, chosen by the default order
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        prep_text(text_dir(tmp_path / "ok"), tmp_path / "ok_out")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("behavior order ['view', 'cart', 'buy'] (weakest first), target 'buy'" in r.getMessage()
+               for r in caplog.records)
+    m = json.loads((tmp_path / "ok_out" / "manifest.json").read_text())
+    assert m["behavior_order"]["warnings"] == [] and m["behavior_order"]["target"] == "buy"
+    # explicit --target cart: still warned (not buy), but not as inferred
+    caplog.clear()
+    prep_text(text_dir(tmp_path / "ex"), tmp_path / "ex_out", target="cart", on_test_in_train="drop")
+    w = json.loads((tmp_path / "ex_out" / "manifest.json").read_text())["behavior_order"]
+    assert w["chosen_by"] == "--target" and "inferred" not in w["warnings"][0]
+
+
+def test_table_inferred_target_warns(tmp_path):
+    csv = write(tmp_path, "log.csv", "user_id,item_id,behavior\na,x,view\na,y,cart\na,x,cart\nb,x,cart\nb,y,cart\n")
+    ds = prep_table(csv, tmp_path)
+    assert ds.manifest["behavior_order"]["target"] == "cart" and ds.manifest["behavior_order"]["warnings"]
+
+
+def test_cli_n_users_zero_is_an_error(tmp_path, capsys):
+    src = text_dir(tmp_path / "in")
+    assert data_main(["prepare", "--format", "text", "--input", str(src), "--out", str(tmp_path / "o"),
+                      "--n-users", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: <input> (field 'n_users'): --n-users 0: must be >= 1 (omit it to use max id + 1)"]
+    assert not (tmp_path / "o").exists()
+    from mbssl_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.n_users = -1: must be >= 0"):
+        load_config(None, ["data.n_users=-1"])
+    assert load_config(None, ["data.n_users=0"]).data.n_users == 0  # 0 = infer (documented)
+
+
+# ------------------------------------------------------------ swing / partition inputs (#15)
+
+
+def _inconsistent_prepared(tmp_path: Path) -> Path:
+    import json
+
+    from mbssl_dist.data.prepare import prepare_synthetic
+    from mbssl_dist.data.synthetic import SyntheticSpec
+
+    d = tmp_path / "prep"
+    prepare_synthetic(d, SyntheticSpec(n_users=40, n_items=30, n_clusters=2))
+    m = json.loads((d / "manifest.json").read_text())
+    m["n_users"] = 10  # smaller than the ids in train.parquet
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
+def test_swing_and_partition_reject_manifest_smaller_than_ids(tmp_path, capsys):
+    from mbssl_dist.partition.__main__ import main as part_main
+    from mbssl_dist.swing.__main__ import main as swing_main
+
+    d = _inconsistent_prepared(tmp_path)
+    assert swing_main(["--data", str(d), "--out", str(tmp_path / "sw"), "--no-progress"]) == 2
+    assert part_main(["--data", str(d), "--parts", "2", "--method", "range", "--out", str(tmp_path / "pt")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 2
+    for ln in lines:
+        assert "train.parquet" in ln and "outside [0, 10)" in ln and "n_users = 10" in ln, ln
+    assert not (tmp_path / "sw").exists() and not (tmp_path / "pt").exists()
+
+
+# ------------------------------------------------------------ trainer config (#15)
+
+
+def _train(argv: list[str], capsys) -> tuple[int, list[str]]:
+    from mbssl_dist.train import main as train_main
+
+    rc = train_main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, [ln for ln in err.splitlines() if ln.startswith(("config error: ", "data error: "))]
+
+
+def test_train_missing_data_path(tmp_path, capsys):
+    cfg = write(tmp_path, "c.toml", '[data]\nformat = "text"\npath = "no_such_dir"\n')
+    rc, lines = _train(["--config", str(cfg)], capsys)
+    assert rc == 2 and len(lines) == 1
+    assert "no_such_dir (field 'data.path'): does not exist" in lines[0]
+    cfg = write(tmp_path, "p.toml", f'[data]\nformat = "prepared"\npath = "{tmp_path}"\n')
+    rc, lines = _train(["--config", str(cfg)], capsys)
+    assert rc == 2 and "not a prepared dataset directory" in lines[0]
+
+
+def test_train_bad_data_through_config(tmp_path, capsys):
+    text_dir(tmp_path / "raw", **{"buy.txt": "0 1 3\n1 0 x\n2 4 3\n"})
+    cfg = write(tmp_path, "c.toml", f'[data]\nformat = "text"\npath = "raw"\ncache_dir = "{tmp_path / "cache"}"\n'
+                                    '[run]\nmlflow = false\n')
+    rc, lines = _train(["--config", str(cfg)], capsys)
+    assert rc == 2 and len(lines) == 1 and "raw/buy.txt:2: item id 'x' is not an integer" in lines[0], lines
+    assert not any((tmp_path / "cache").glob("raw-*"))
+
+
+@pytest.mark.parametrize("ov,field", [("train.lr=nan", "train.lr"), ("train.lr=inf", "train.lr"),
+                                      ("loss.tau=-inf", "loss.tau"), ("hmg.relax=nan", "hmg.relax"),
+                                      ("loss.neg_weight=[0.1, nan]", "loss.neg_weight[1]")])
+def test_train_non_finite_floats(capsys, ov, field):
+    rc, lines = _train(["--set", ov], capsys)
+    assert rc == 2 and len(lines) == 1 and f"{field} = " in lines[0] and "finite" in lines[0], lines
+
+
+def test_train_cuda_without_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    rc, lines = _train(["--set", 'train.device="cuda"'], capsys)
+    assert rc == 2 and lines == [lines[0]] and "train.device = 'cuda' but CUDA is not available" in lines[0]

@@ -138,6 +138,9 @@ def read_test_file(path: Path, n_users: int | None, n_items: int | None) -> tupl
 
 def discover(input_dir: Path) -> dict[str, Path]:
     """Map behavior/test name -> file; ``x.txt`` and ``x.txt.gz`` both present is an error."""
+    if input_dir.is_file():
+        raise DataError("is a file; --format text reads a directory of <behavior>.txt[.gz] files plus test.txt "
+                        "(a CSV or Parquet table is --format table)", file=str(input_dir))
     if not input_dir.is_dir():
         raise DataError("input directory does not exist", file=str(input_dir))
     found: dict[str, Path] = {}
