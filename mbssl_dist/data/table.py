@@ -106,7 +106,7 @@ def _read_csv(path: Path, block_size: int = CSV_BLOCK) -> pa.Table:
                                               "behavior": pa.string()}, strings_can_be_null=False)
     try:
         return pacsv.read_csv(path, read_options=pacsv.ReadOptions(block_size=block_size), convert_options=opts)
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowException, UnicodeDecodeError) as e:  # bad bytes in the header raise UnicodeDecodeError
         if "straddle" in str(e) and block_size < (1 << 30):
             # a row longer than the block: retry once with a block that holds the longest line
             with open(path, "rb") as f:
@@ -126,10 +126,18 @@ def _read_table(path: Path) -> tuple[pa.Table, str]:
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
-            return pq.read_table(path), "parquet"
-        return _read_csv(path), "csv"
-    except (pa.ArrowInvalid, OSError) as e:
+            t, kind = pq.read_table(path), "parquet"
+        else:
+            t, kind = _read_csv(path), "csv"
+    except (pa.ArrowException, OSError) as e:
         raise DataError(f"cannot parse table: {e}", file=str(path)) from e
+    try:
+        t.column_names  # noqa: B018 - decoded lazily; bytes that are not UTF-8 fail here
+    except UnicodeDecodeError as e:
+        if kind == "csv":
+            raise _explain_csv_failure(path, e) from None
+        raise DataError("column names are not valid UTF-8", file=str(path)) from None
+    return t, kind
 
 
 def _row_error(path: Path, kind: str, row: int, msg: str, field: str | None = None) -> DataError:
