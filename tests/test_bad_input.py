@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import shutil
 import os
 import subprocess
 import sys
@@ -409,3 +410,38 @@ def test_train_cuda_without_gpu(capsys):
         pytest.skip("this machine has a GPU")
     rc, lines = _train(["--set", 'train.device="cuda"'], capsys)
     assert rc == 2 and lines == [lines[0]] and "train.device = 'cuda' but CUDA is not available" in lines[0]
+
+
+# ------------------------------------------------------------ torchrun off the network (#15)
+
+_WORKER = """
+import socket, torch.distributed as dist
+dist.init_process_group("gloo")
+dist.barrier()
+if dist.get_rank() == 0:
+    import subprocess
+    addrs = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    print("IFACES", sorted({ln.split()[1] for ln in addrs.splitlines()}))
+dist.destroy_process_group()
+"""
+
+
+def test_readme_loopback_torchrun_form_runs_with_loopback_only(tmp_path):
+    """README documents that torchrun's store listens on all interfaces and gives a private
+    network namespace as the loopback-only form; that form must run a 2-rank gloo job and see
+    no interface but lo."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    m = re.search(r"`(unshare --net --map-root-user sh -c '[^`]*')`", readme)
+    assert m and "all interfaces" in readme, "README 'Bad input' must document the loopback form"
+    if shutil.which("unshare") is None or shutil.which("ip") is None or subprocess.run(
+            ["unshare", "--net", "--map-root-user", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --net --map-root-user is not permitted here")
+    (tmp_path / "w.py").write_text(_WORKER)
+    assert "NPROC=2 bash launch/run_local.sh" in m.group(1)
+    cmd = m.group(1).replace("NPROC=2 bash launch/run_local.sh",
+                             f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2 w.py")
+    r = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "IFACES ['lo']" in r.stdout, r.stdout
