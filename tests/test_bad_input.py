@@ -445,3 +445,16 @@ def test_readme_loopback_torchrun_form_runs_with_loopback_only(tmp_path):
     r = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "IFACES ['lo']" in r.stdout, r.stdout
+
+
+def test_csv_quoted_newlines_across_blocks(tmp_path):
+    """A quoted id spanning lines in a file of several pyarrow blocks (the fast chunker assumes
+    one row per line and fails on such files: the reader retries with newlines allowed)."""
+    rows = ["user_id,item_id,behavior"] + [f'"u{k % 50}\nx",i{k % 97},buy' for k in range(150000)]
+    csv = write(tmp_path, "nl.csv", "\n".join(rows) + "\n")
+    assert csv.stat().st_size > 2 * (1 << 20)
+    prep_table(csv, tmp_path)
+    import pyarrow.parquet as pq
+
+    users = pq.read_table(tmp_path / "out" / "user_map.parquet").column("id").to_pylist()
+    assert users == sorted(f"u{k}\nx" for k in range(50))

@@ -99,20 +99,28 @@ def _csv_line_of_row(path: Path, row: int) -> int | None:
     return None
 
 
-def _read_csv(path: Path, block_size: int = CSV_BLOCK) -> pa.Table:
+def _read_csv(path: Path, block_size: int = CSV_BLOCK, newlines: bool = False) -> pa.Table:
+    """pyarrow's fast parser; retried with a larger block (a row longer than 1 MB) or with
+    quoted newlines allowed (slower, so only when needed); any remaining failure is explained
+    with a file line by the exact Python pass."""
     import pyarrow.csv as pacsv
 
     opts = pacsv.ConvertOptions(column_types={"user_id": pa.string(), "item_id": pa.string(),
                                               "behavior": pa.string()}, strings_can_be_null=False)
     try:
-        return pacsv.read_csv(path, read_options=pacsv.ReadOptions(block_size=block_size), convert_options=opts)
+        return pacsv.read_csv(path, read_options=pacsv.ReadOptions(block_size=block_size),
+                              parse_options=pacsv.ParseOptions(newlines_in_values=newlines), convert_options=opts)
     except (pa.ArrowException, UnicodeDecodeError) as e:  # bad bytes in the header raise UnicodeDecodeError
         if "straddle" in str(e) and block_size < (1 << 30):
-            # a row longer than the block: retry once with a block that holds the longest line
             with open(path, "rb") as f:
                 longest = max((len(line) for line in f), default=0)
             if longest * 2 + 1 > block_size:
-                return _read_csv(path, min(1 << 30, longest * 2 + 1))
+                return _read_csv(path, min(1 << 30, longest * 2 + 1), newlines)
+        if not newlines and isinstance(e, pa.ArrowInvalid):
+            try:
+                return _read_csv(path, block_size, True)
+            except DataError:
+                pass
         raise _explain_csv_failure(path, e) from None
 
 
