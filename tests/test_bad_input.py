@@ -458,3 +458,13 @@ def test_csv_quoted_newlines_across_blocks(tmp_path):
 
     users = pq.read_table(tmp_path / "out" / "user_map.parquet").column("id").to_pylist()
     assert users == sorted(f"u{k}\nx" for k in range(50))
+
+
+def test_table_ids_differing_only_by_trailing_nul_stay_distinct(tmp_path):
+    src = parquet(tmp_path / "n.parquet", user_id=["a", "a\x00", "a", "a\x00"], item_id=["x", "x", "y", "y"],
+                  behavior=["buy"] * 4)
+    ds = prep_table(src, tmp_path, valid="none")
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "out" / "user_map.parquet").column("id").to_pylist() == ["a", "a\x00"]
+    assert ds.n_users == 2 and len(ds.test_user) == 2

@@ -90,7 +90,7 @@ def canonical_text(out: Path) -> dict:
 # ------------------------------------------------------------------ generators
 
 # ids: anything a spreadsheet might hold (commas, quotes, newlines inside quotes, unicode)
-ID_CHARS = st.sampled_from(list("abcxyz019 ,;\"'\n\t-_.") + ["é", "ß", "猫", "🛒", "\u00a0"])
+ID_CHARS = st.sampled_from(list("abcxyz019 ,;\"'\n\t-_.") + ["é", "ß", "猫", "🛒", "\u00a0", "\x00"])
 IDS = st.text(ID_CHARS, min_size=1, max_size=6).filter(lambda s: s.strip() != "" and s != "user_id")
 
 

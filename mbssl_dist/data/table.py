@@ -180,6 +180,18 @@ def _delimiter_hint(names: list[str]) -> str:
     return ""
 
 
+def _dense_ids(arr: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct ids, dense index of every row). Done in Arrow, not with numpy's fixed-width
+    unicode arrays, which silently strip trailing NUL characters and would merge "a" and "a\\0"."""
+    enc = arr.combine_chunks().dictionary_encode()
+    order = pc.array_sort_indices(enc.dictionary).to_numpy()  # UTF-8 byte order = code point order
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    ids = np.empty(len(order), dtype=object)
+    ids[:] = enc.dictionary.take(pa.array(order)).to_pylist()
+    return ids, rank[enc.indices.to_numpy()]
+
+
 def read_table(path: Path, behaviors: list[str] | None, target: str | None, seed: int) -> TableData:
     t, kind = _read_table(path)
     missing = [c for c in REQUIRED if c not in t.column_names]
@@ -261,8 +273,8 @@ def read_table(path: Path, behaviors: list[str] | None, target: str | None, seed
                             field="behavior")
 
     order_info = report_order(behaviors, by_behaviors=by_behaviors, by_target=by_target, where=str(path))
-    user_ids, u = np.unique(cols["user_id"].astype(str), return_inverse=True)
-    item_ids, i = np.unique(cols["item_id"].astype(str), return_inverse=True)
+    user_ids, u = _dense_ids(strs["user_id"])
+    item_ids, i = _dense_ids(strs["item_id"])
     b = np.asarray([behaviors.index(x) for x in cols["behavior"]], dtype=np.int64)
     n_items = len(item_ids)
     key = (b * len(user_ids) + u) * n_items + i
