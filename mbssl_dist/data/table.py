@@ -51,19 +51,19 @@ def _csv_records(path: Path):
     Raises DataError for undecodable bytes.
     """
     import csv
-    import io
 
-    with open(path, "rb") as fb:
-        raw = fb.read()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"bytes that are not UTF-8 ({raw[e.start:e.start + 4]!r}); save the file as UTF-8",
-                        file=str(path), line=line) from None
-    reader = csv.reader(io.StringIO(text, newline=""))
+    def lines():  # streamed: the error path must not hold a large file in memory
+        with open(path, "rb") as fb:
+            for n, raw in enumerate(fb, 1):
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"bytes that are not UTF-8 ({raw[e.start:e.start + 4]!r}); save the file as "
+                                    "UTF-8", file=str(path), line=n) from None
+
+    reader = csv.reader(lines())  # line_num counts the lines pulled, i.e. 1-based file lines
     start = 1
     while True:
         try:
