@@ -219,7 +219,9 @@ def prepare_synthetic(out: Path, spec=None, *, seed: int | None = None, valid="o
     if seed is not None:
         spec.seed = seed
     pairs, tu, ti = generate(spec)
-    manifest = {"source": {"format": "synthetic", "spec": spec.to_dict()}, "inputs": []}
+    manifest = {"source": {"format": "synthetic", "spec": spec.to_dict()}, "inputs": [],
+                "behavior_order": {"behaviors": list(spec.behaviors), "target": spec.behaviors[-1],
+                                   "chosen_by": "synthetic generator spec", "warnings": []}}
     ds = assemble(list(spec.behaviors), [p[0] for p in pairs], [p[1] for p in pairs], tu, ti,
                   spec.n_users, spec.n_items, seed=spec.seed, valid=valid, valid_aux=valid_aux, manifest=manifest)
     return _write(ds, out, overwrite, t0)
