@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .config import Config, ConfigError, describe, load_config, validate_against_data
+from .data.errors import DataError
 from .evaluate import NonFiniteScoresError
 from .training import CheckpointError, CheckpointManager, EvalHistory
 from .training.checkpoint import ShardedRows, describe_tensors, load_state_tensors, state_tensors
@@ -276,10 +277,19 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
-    # 1. data: prepared once by rank 0, then loaded by every rank
+    # 1. data: prepared once by rank 0, then loaded by every rank (a bad input found by rank 0
+    # stops every rank with exit 2, not the others with a gloo error at the next collective)
+    bad: DataError | None = None
     if comm.is_main:
-        ensure_prepared(cfg.data)
-    comm.barrier()
+        try:
+            ensure_prepared(cfg.data)
+        except DataError as e:
+            bad = e
+    failed = comm.all_reduce_sum_(torch.tensor([1.0 if bad else 0.0]))
+    if bad is not None:
+        raise bad
+    if failed.item():
+        raise DataError("the data could not be prepared (rank 0 says why)")
     ds = load_prepared(prepared_dir_for(cfg.data))
     validate_against_data(cfg, ds.behaviors)
     log.info("data %s: %d users x %d items, behaviors %s (target %r), train counts %s", ds.path, ds.n_users,
@@ -468,11 +478,17 @@ def main(argv=None) -> int:
         print(describe())
         return 0
     setup_logging(0)
+    from .config import check_runtime
+    from .data.cache import prepared_dir_for
+    from .data.errors import DataError
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        log.error("config error: %s", e)
-        print(f"config error: {e}", file=sys.stderr)
+        check_runtime(cfg)  # train.device = "cuda" without a GPU
+        prepared_dir_for(cfg.data)  # a missing data.path fails here, on every rank
+    except (ConfigError, DataError) as e:
+        what = "data error" if isinstance(e, DataError) else "config error"
+        log.error("%s: %s", what, e)
+        print(f"{what}: {e}", file=sys.stderr)
         return 2
     from .parallel.dist import init_distributed, shutdown
 
@@ -480,9 +496,10 @@ def main(argv=None) -> int:
     setup_logging(comm.rank)
     try:
         return train(cfg, comm, device, prepare_only=args.prepare_only)
-    except ConfigError as e:
-        log.error("config error: %s", e)
-        print(f"config error: {e}", file=sys.stderr)
+    except (ConfigError, DataError) as e:
+        what = "data error" if isinstance(e, DataError) else "config error"
+        log.error("%s: %s", what, e)
+        print(f"{what}: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
         log.error("checkpoint error: %s", e)
