@@ -312,6 +312,8 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
             improved = best is None or ev_row[tc.select_metric] > best[tc.select_metric]
             evals.append(ev_row)
             bad_evals = 0 if improved else bad_evals + 1
+            if improved:  # export: the best-validation model -> runs/NAME/model (collective call)
+                from .export import save_model; save_model(run_dir / "model", run, cfg, ds, comm, ev_row)  # noqa: E702
             log.info("epoch %d valid: %s | test: %s%s", epoch,
                      " ".join(f"{k}={v:.4f}" for k, v in res["valid"].items() if k != "n_users"),
                      " ".join(f"{k}={v:.4f}" for k, v in res["test"].items() if k != "n_users"),
@@ -335,6 +337,8 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         "dataset": str(ds.path),
         "dataset_sha256": ds.checksum(),
     }
+    if comm.is_main and cfg.run.mlflow and (run_dir / "model").is_dir():  # export: MLflow logged model
+        from .mlflow_model import log_model_to_mlflow; log_model_to_mlflow(run_dir / "model")  # noqa: E702
     logger.finish(final, status=status)
     if comm.is_main:
         log.info("best epoch %s: test %s (outputs in %s)", final["best_epoch"], final["test"], run_dir)
