@@ -295,7 +295,9 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m mbssl_dist.evaluate", description=main.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run directory (runs/NAME) with a saved model/")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory (runs/NAME) with a saved model/ (under torchrun write --run-dir: torchrun's "
+                        "own parser takes --run for an abbreviation of its --run-path)")
     p.add_argument("--split", choices=["valid", "test", "both"], default="both")
     p.add_argument("--data", help="prepared dataset directory, if it moved since training (checksum-checked)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the run's train.threads)")

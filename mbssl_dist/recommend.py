@@ -37,6 +37,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -340,7 +341,9 @@ def check_out(out: Path, inputs: list[Path], overwrite: bool) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mbssl_dist.recommend", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run directory (runs/NAME) with a saved model/")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory (runs/NAME) with a saved model/ (under torchrun write --run-dir: torchrun's "
+                        "own parser takes --run for an abbreviation of its --run-path)")
     p.add_argument("--out", required=True, help="output Parquet file")
     p.add_argument("--k", type=int, default=50, help="items per user (default 50)")
     p.add_argument("--users", help="subset of users: text file (one id per line) or Parquet ('user' column)")
@@ -374,12 +377,17 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING,
                             format=f"%(asctime)s [rank {comm.rank}] %(levelname)s %(name)s: %(message)s",
                             force=True)
+        t0 = time.perf_counter()
         rec = Recommender(art, comm, device, data=args.data, threads=args.threads)
         users = (read_users_file(Path(args.users), rec.users_map) if args.users
                  else np.arange(rec.ds.n_users, dtype=np.int64))
+        t1 = time.perf_counter()
         n = rec.write(out, users, args.k, args.include_seen, args.batch_size)
+        t2 = time.perf_counter()
         if comm.is_main:
-            log.info("wrote %d rows for %d users to %s", n, len(users), out)
+            log.info("wrote %d rows for %d users to %s (model, graph and propagation %.2f s; scoring, top-K and "
+                     "writing %.2f s = %.0f users/s)", n, len(users), out, t1 - t0, t2 - t1,
+                     len(users) / max(t2 - t1, 1e-9))
         return 0
     except (UsageError, ModelError) as e:
         print(f"recommend: {e}", file=sys.stderr)

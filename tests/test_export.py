@@ -364,13 +364,13 @@ def test_two_ranks_save_evaluate_and_recommend_like_one(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout
 
-    res = json.loads(torchrun("mbssl_dist.evaluate", ["--run", str(two), "--check"]))
+    res = json.loads(torchrun("mbssl_dist.evaluate", ["--run-dir", str(two), "--check"]))
     final = json.loads((two / "final.json").read_text())
     for ph in ("valid", "test"):
         assert {k: v for k, v in res[ph].items() if k != "n_users"} == final[ph]
     f1, f2 = tmp_path / "r1.parquet", tmp_path / "r2.parquet"
     assert recommend_main(["--run", str(two), "--k", "10", "--out", str(f1)]) == 0
-    torchrun("mbssl_dist.recommend", ["--run", str(two), "--k", "10", "--out", str(f2), "--batch-size", "50"])
+    torchrun("mbssl_dist.recommend", ["--run-dir", str(two), "--k", "10", "--out", str(f2), "--batch-size", "50"])
     a, b = pq.read_table(f1).to_pydict(), pq.read_table(f2).to_pydict()
     assert a["user"] == b["user"] and a["rank"] == b["rank"] and a["item"] == b["item"]
     np.testing.assert_allclose(a["score"], b["score"], rtol=1e-5, atol=1e-6)
