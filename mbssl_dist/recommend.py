@@ -333,8 +333,11 @@ def check_out(out: Path, inputs: list[Path], overwrite: bool) -> Path:
         raise UsageError(f"{out}: --out is a directory")
     if o.exists() and not overwrite:
         raise UsageError(f"{out}: already exists (pass --overwrite to replace it)")
-    if not os.access(o.parent if o.parent.exists() else o.parent.parent, os.W_OK):
-        raise UsageError(f"{out}: directory not writable")
+    anc = o.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK):
+        raise UsageError(f"{out}: {anc} is not a writable directory")
     return o
 
 

@@ -2,8 +2,8 @@
 
     .venv/bin/python tools/bench_recommend.py [--config configs/taobao_mbcgcn.toml] [--k 50]
 
-Trains a throw-away model first when ``runs/<name>/model`` is missing (1 epoch of 3 steps:
-the figures do not depend on the model's quality), then runs
+Trains a throw-away model first when ``runs/<name>/model`` is missing (1 epoch of 3 steps, no
+inter-SSL so no swing to compute: the figures do not depend on the model's quality), then runs
 ``python -m mbssl_dist.recommend --run runs/<name> --k K --out <tmp>`` in a child process and
 prints wall time, users/s (all users / wall time of the whole command: load, one propagation,
 scoring, top-K, Parquet), the child's peak RSS, the rows written and the load average.
@@ -37,7 +37,7 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     if not (run_dir / "model" / "model.json").is_file():
         cmd = [py, "-m", "mbssl_dist.train", "--config", a.config, "--set", "train.epochs=1",
-               "--set", "train.max_steps_per_epoch=3", "--set", f'run.name="{a.name}"', "--set", "run.mlflow=false",
+               "--set", "train.max_steps_per_epoch=3", "--set", "loss.use_inter=false", "--set", f'run.name="{a.name}"', "--set", "run.mlflow=false",
                "--set", "run.progress=false", "--set", f"train.threads={a.threads}",
                "--set", f'data.cache_dir="{REPO / "cache"}"', "--set", f'run.output_dir="{REPO / "runs"}"']
         for s in a.set:
