@@ -214,6 +214,8 @@ def test_bad_input_is_one_line_exit_2_and_inputs_are_never_overwritten(isr, tmp_
 def test_evaluate_reproduces_final_json(isr, capsys):
     _, out = isr
     final = json.loads((out / "final.json").read_text())
+    # the fixture's validation peaks before the last epoch: the saved model is the best, not the last
+    assert final["best_epoch"] < final["epochs_run"] - 1, final
     assert evaluate_main(["--run", str(out), "--check"]) == 0
     res = json.loads(capsys.readouterr().out)
     for ph in ("valid", "test"):
