@@ -56,38 +56,48 @@ class UsageError(ValueError):
     """Bad command-line input; ``str()`` is the one-line message (naming the file/line)."""
 
 
-def topk_block(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+def topk_block(scores: torch.Tensor, k: int, excl_rows: torch.Tensor | None = None,
+               excl_cols: torch.Tensor | None = None, inplace: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``k`` of each row of ``scores`` [B, I] with ``exclude`` [B, I] (bool) removed.
+    """Top-``k`` of each row of ``scores`` [B, I] without the (row, item) pairs
+    ``(excl_rows, excl_cols)`` (no duplicates).
 
     Order: descending score, ties by ascending item id (the evaluator's rule). Returns
     ``(items [B, k'], scores [B, k'], counts [B])`` with ``k' = min(k, I)``; row ``b`` holds
     ``counts[b] = min(k, #candidates)`` valid entries (the rest are excluded items, score -inf).
+    ``inplace`` lets it write the exclusions into ``scores``. One ``topk`` of k'+1 per row
+    settles every row whose (k'+1)-th score is below its k'-th; only rows with a tie across the
+    cut are scanned again to keep the smallest tied item ids.
     """
-    if not torch.isfinite(scores).all():
+    lo, hi = torch.aminmax(scores) if scores.numel() else (scores.new_zeros(()), scores.new_zeros(()))
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
         raise ValueError("the model produced non-finite scores")
     B, I = scores.shape
     kk = min(int(k), I)
-    s = scores.clone()
-    if exclude is not None:
-        s[exclude] = float("-inf")
-        n_cand = I - exclude.sum(1)
-    else:
-        n_cand = torch.full((B,), I, dtype=torch.int64)
-    thr = torch.topk(s, kk, dim=1).values[:, -1:]
-    sel = s > thr
-    eq = s == thr
-    need = kk - sel.sum(1)
-    # rows whose ties at the threshold are more than needed: keep the smallest item ids
-    over = torch.nonzero(eq.sum(1) > need).flatten()
-    if len(over):
-        e = eq[over]
-        eq[over] = e & (torch.cumsum(e, 1) <= need[over, None])
-    sel |= eq
-    items = torch.nonzero(sel)[:, 1].view(B, kk)  # ascending item id within a row
-    vals = s.gather(1, items)
-    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
-    return items.gather(1, order), vals, torch.clamp(n_cand, max=kk)
+    s = scores if inplace else scores.clone()
+    n_cand = torch.full((B,), I, dtype=torch.int64)
+    if excl_rows is not None and len(excl_rows):
+        s[excl_rows, excl_cols] = float("-inf")
+        n_cand -= torch.bincount(excl_rows, minlength=B)
+    if kk == 0 or B == 0:
+        return (torch.zeros(B, kk, dtype=torch.int64), s.new_zeros(B, kk), torch.clamp(n_cand, max=kk))
+    kk1 = min(kk + 1, I)
+    vals, idx = torch.topk(s, kk1, dim=1)
+    items = idx[:, :kk].clone()
+    thr = vals[:, kk - 1]
+    if kk1 > kk:
+        amb = torch.nonzero(vals[:, kk] == thr).flatten()  # a tie across the cut
+        if len(amb):
+            sub = s[amb]
+            t = thr[amb, None]
+            sel = sub > t
+            eq = sub == t
+            need = kk - sel.sum(1)
+            sel |= eq & (torch.cumsum(eq, 1) <= need[:, None])
+            items[amb] = torch.nonzero(sel)[:, 1].view(len(amb), kk)
+    items = torch.sort(items, dim=1).values  # ascending id, then a stable sort by score
+    v, order = torch.sort(s.gather(1, items), dim=1, descending=True, stable=True)
+    return items.gather(1, order), v, torch.clamp(n_cand, max=kk)
 
 
 class IdMap:
@@ -234,13 +244,12 @@ class Recommender:
             kk = min(int(k), I)
             if len(mine):
                 s = self.scoring.scores(torch.from_numpy(mine))
-                excl = None
+                er = ec = None
                 if not include_seen:
                     sub = self.seen[mine]
-                    excl = torch.zeros(len(mine), I, dtype=torch.bool)
-                    r = np.repeat(np.arange(len(mine)), np.diff(sub.indptr))
-                    excl[torch.from_numpy(r), torch.from_numpy(sub.indices.astype(np.int64))] = True
-                items, vals, counts = topk_block(s, kk, excl)
+                    er = torch.from_numpy(np.repeat(np.arange(len(mine), dtype=np.int64), np.diff(sub.indptr)))
+                    ec = torch.from_numpy(sub.indices.astype(np.int64))
+                items, vals, counts = topk_block(s, kk, er, ec, inplace=True)
             else:
                 items = torch.zeros(0, kk, dtype=torch.int64)
                 vals = torch.zeros(0, kk, dtype=torch.float32)

@@ -116,11 +116,25 @@ def test_model_dir_is_complete_and_loads_without_training_state(isr):
 def test_topk_block_tie_rule_and_exclusions():
     s = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
     ex = torch.tensor([[False, False, True, False, False], [True, True, True, True, False]])
-    items, vals, counts = topk_block(s, 3, ex)
+    r, c = torch.nonzero(ex, as_tuple=True)
+    items, vals, counts = topk_block(s, 3, r, c)
     assert items[0].tolist() == [1, 4, 3] and counts.tolist() == [3, 1]
-    assert items[1, :1].tolist() == [4]
+    assert items[1, :1].tolist() == [4] and vals[1, 1:].tolist() == [float("-inf")] * 2
     items, _, _ = topk_block(s, 2)  # ties at the cut: smallest item ids
     assert items.tolist() == [[1, 2], [0, 1]]
+    # against sorted() on random blocks with many ties and exclusions
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        s = torch.randint(0, 4, (7, 13), generator=g).float()
+        ex = torch.rand(7, 13, generator=g) < 0.3
+        r, c = torch.nonzero(ex, as_tuple=True)
+        k = int(torch.randint(1, 15, (1,), generator=g))
+        items, vals, counts = topk_block(s, k, r, c)
+        for b in range(7):
+            want = sorted((-float(s[b, i]), i) for i in range(13) if not ex[b, i])[:k]
+            n = int(counts[b])
+            assert n == len(want) and items[b, :n].tolist() == [i for _, i in want]
+            assert vals[b, :n].tolist() == [-x for x, _ in want]
 
 
 # ------------------------------------------------------------------------------ recommend
