@@ -74,7 +74,8 @@ def save_model(model_dir: str | os.PathLike, run, cfg, ds, comm, info: dict) -> 
     """Write ``model_dir`` (see the module doc) from a trainer's ``ModelRun``.
 
     COLLECTIVE: every rank calls it (the user rows are gathered); rank 0 writes. ``info`` is the
-    evaluation row of the epoch (``{"epoch", <valid metrics>, "test": {...}}``). Returns the
+    evaluation row of the epoch: ``{"epoch", "valid": {...}, "test": {...}}`` (an
+    ``EvalHistory`` row) or ``{"epoch", <valid metrics>, "test": {...}}``. Returns the
     directory on rank 0, None elsewhere.
     """
     from .tracking import to_toml
@@ -96,7 +97,8 @@ def save_model(model_dir: str | os.PathLike, run, cfg, ds, comm, info: dict) -> 
             "kind": "mbssl",
             "best_epoch": int(info["epoch"]),
             "select_metric": cfg.train.select_metric,
-            "valid": {k: v for k, v in info.items() if k not in ("epoch", "test")},
+            "valid": (dict(info["valid"]) if isinstance(info.get("valid"), dict)
+                      else {k: v for k, v in info.items() if k not in ("epoch", "test")}),
             "test": dict(info.get("test") or {}),
             "dataset": str(ds_path),
             "dataset_sha256": ds.checksum(),

@@ -391,3 +391,22 @@ def test_two_ranks_save_evaluate_and_recommend_like_one(tmp_path):
     assert a["user"] == b["user"] and a["rank"] == b["rank"] and a["item"] == b["item"]
     np.testing.assert_allclose(a["score"], b["score"], rtol=1e-5, atol=1e-6)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_save_model_takes_an_eval_history_row(isr, tmp_path):
+    """save_model also takes the row shape of training.history.EvalHistory ({"epoch", "valid", "test"})."""
+    from types import SimpleNamespace
+
+    from mbssl_dist.export import save_model
+    from mbssl_dist.parallel.comm import LocalComm
+
+    _, out = isr
+    art = read_model_dir(out / "model")
+    ds = load_prepared(art.meta["dataset"])
+    run_ = SimpleNamespace(model=load_model(art), part=SimpleNamespace(users=np.arange(ds.n_users)))
+    row = {"epoch": 4, "valid": {"recall@10": 0.5}, "test": {"recall@10": 0.25}}
+    d = save_model(tmp_path / "model", run_, art.cfg, ds, LocalComm(), row)
+    meta = json.loads((d / "model.json").read_text())
+    assert (meta["best_epoch"], meta["valid"], meta["test"]) == (4, row["valid"], row["test"])
+    w = torch.load(d / "weights.pt", weights_only=True)
+    assert all(torch.equal(w[k], art.state[k]) for k in art.state)
