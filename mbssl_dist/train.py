@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .config import Config, ConfigError, describe, load_config, validate_against_data
 from .data.errors import DataError
 from .evaluate import NonFiniteScoresError
+from .export import save_model
 from .training import CheckpointError, CheckpointManager, EvalHistory
 from .training.checkpoint import ShardedRows, describe_tensors, load_state_tensors, state_tensors
 
@@ -432,6 +433,8 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                                   timing={"eval_seconds": eval_seconds} if ph == "valid" else None)
                 scores = {ph: {k: v for k, v in res[ph].items() if k != "n_users"} for ph in ("valid", "test")}
                 improved = history.add(epoch, scores["valid"], scores["test"])
+                if improved:  # the best-validation model -> runs/NAME/model (collective)
+                    save_model(run_dir / "model", run, cfg, ds, comm, history.rows[-1])
                 log.info("epoch %d valid: %s | test: %s%s", epoch,
                          " ".join(f"{k}={v:.4f}" for k, v in scores["valid"].items()),
                          " ".join(f"{k}={v:.4f}" for k, v in scores["test"].items()), " *" if improved else "")
@@ -466,6 +469,10 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         "dataset": str(ds.path),
         "dataset_sha256": ds.checksum(),
     }
+    if comm.is_main and cfg.run.mlflow and (run_dir / "model").is_dir():
+        from .mlflow_model import log_model_to_mlflow  # mlflow.pyfunc: imported only when used
+
+        log_model_to_mlflow(run_dir / "model")  # the best-validation model under the run's "Logged models"
     logger.finish(final, status="FINISHED")
     if comm.is_main:
         log.info("best epoch %s: test %s (outputs in %s)", final["best_epoch"], final["test"], run_dir)
