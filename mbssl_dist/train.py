@@ -472,7 +472,11 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     if comm.is_main and cfg.run.mlflow and (run_dir / "model").is_dir():
         from .mlflow_model import log_model_to_mlflow  # mlflow.pyfunc: imported only when used
 
-        log_model_to_mlflow(run_dir / "model")  # the best-validation model under the run's "Logged models"
+        try:
+            log_model_to_mlflow(run_dir / "model")
+        except Exception as e:  # noqa: BLE001 - the run itself finished; say what is missing
+            log.warning("the model was not logged to MLflow (%s: %s); it is in %s", type(e).__name__, e,
+                        run_dir / "model")  # the best-validation model under the run's "Logged models"
     logger.finish(final, status="FINISHED")
     if comm.is_main:
         log.info("best epoch %s: test %s (outputs in %s)", final["best_epoch"], final["test"], run_dir)
