@@ -219,8 +219,14 @@ class RunInterrupted(Exception):
         self.signum = signum
 
 
+_SIGNALS: list[int] = []  # signals received by this process's run (a library may wrap our exception)
+
+
 def _raise_interrupted(signum, _frame) -> None:
-    raise RunInterrupted(signum)
+    first = not _SIGNALS
+    _SIGNALS.append(signum)
+    if first:  # a repeated signal must not interrupt the recording of the first one
+        raise RunInterrupted(signum)
 
 
 # Config fields a resumed run may change: how it is operated, not what it computes
@@ -371,6 +377,7 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         n_batches = min(n_batches, tc.max_steps_per_epoch)
     progress = cfg.run.progress and comm.is_main
     every_steps = cfg.checkpoint.every_steps
+    _SIGNALS.clear()
     old_handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for epoch in range(start_epoch, tc.epochs):
@@ -443,11 +450,13 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
             every = cfg.checkpoint.every_epochs
             if (every and (epoch + 1) % every == 0) or history.should_stop() or last:
                 save_checkpoint(epoch + 1, 0, [])
-    except RunInterrupted as e:
-        log.error("%s at epoch %d, global step %d; recorded as KILLED", e, state.epoch, state.step)
-        logger.finish({"error": str(e), "exit_code": 128 + e.signum, "evaluations": history.rows}, status="KILLED")
-        return 128 + e.signum
     except BaseException as e:
+        if isinstance(e, RunInterrupted) or _SIGNALS:  # also when e.g. MLflow wrapped our RunInterrupted
+            signum = e.signum if isinstance(e, RunInterrupted) else _SIGNALS[-1]
+            msg = f"interrupted by {signal.Signals(signum).name}"
+            log.error("%s at epoch %d, global step %d; recorded as KILLED", msg, state.epoch, state.step)
+            logger.finish({"error": msg, "exit_code": 128 + signum, "evaluations": history.rows}, status="KILLED")
+            return 128 + signum
         logger.finish({"error": f"{type(e).__name__}: {e}", "exit_code": 1, "evaluations": history.rows},
                       status="FAILED")
         raise
