@@ -187,6 +187,22 @@ class RunConfig:
     """Log to MLflow (rank 0 only)."""
     progress: bool = True
     """tqdm progress bars on rank 0."""
+    resume: Literal["auto", "never", "require"] = "auto"
+    """``auto``: continue from the newest complete checkpoint in ``OUTPUT/NAME/checkpoints/``
+    when there is one (it must come from the same config, else an error names the fields that
+    differ), else start fresh; ``never``: start fresh (the previous run's outputs, checkpoints
+    and model in that directory are removed first); ``require``: fail unless a checkpoint exists."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    """Write a checkpoint after every N epochs (0 = only ``every_steps``). A checkpoint holds
+    everything a resumed run needs to continue bit for bit."""
+    every_steps: int = 0
+    """Also write one every N training steps inside long epochs (0 = off)."""
+    keep: int = 2
+    """Complete checkpoints kept (the oldest beyond this are deleted once a new one is complete)."""
 
 
 @dataclass
@@ -213,6 +229,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     source: str = ""
     """The config file this came from (set by ``load_config``)."""
 
@@ -234,7 +251,8 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "sou
 
 def _section_cls(name: str):
     return {"data": DataConfig, "swing": SwingConfig, "model": ModelConfig, "loss": LossConfig,
-            "hmg": HMGConfig, "train": TrainConfig, "run": RunConfig, "dist": DistConfig}[name]
+            "hmg": HMGConfig, "train": TrainConfig, "run": RunConfig, "dist": DistConfig,
+            "checkpoint": CheckpointConfig}[name]
 
 
 def _check_type(where: str, value: Any, tp) -> Any:
@@ -344,8 +362,11 @@ def validate(cfg: Config) -> None:
         _positive(where, v)
     for where, v in [("loss.decay", lo.decay), ("loss.fn_users", lo.fn_users), ("loss.fn_items", lo.fn_items),
                      ("train.patience", t.patience), ("train.max_steps_per_epoch", t.max_steps_per_epoch),
-                     ("loss.intra_weight", lo.intra_weight), ("loss.inter_weight", lo.inter_weight), ("train.threads", t.threads)]:
+                     ("loss.intra_weight", lo.intra_weight), ("loss.inter_weight", lo.inter_weight), ("train.threads", t.threads),
+                     ("checkpoint.every_epochs", cfg.checkpoint.every_epochs),
+                     ("checkpoint.every_steps", cfg.checkpoint.every_steps)]:
         _positive(where, v, strict=False)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas = {t.adam_betas}: need two numbers in [0, 1), e.g. [0.9, 0.999]")
     if not 0 <= m.dropout < 1:

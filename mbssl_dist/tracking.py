@@ -79,50 +79,128 @@ def _lock_run_dir(out_dir: Path):
     return f
 
 
+# Config fields that say where and how a run is operated, not what it computes: MLflow tags
+# (searchable, but not compared as hyper-parameters).
+BOOKKEEPING = ("run.", "checkpoint.", "dist.", "data.path", "data.cache_dir", "train.threads", "train.device",
+               "train.eval_batch_size", "swing.workers")
+
+
+def split_params(flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(hyper-parameters, bookkeeping fields) of a flattened config."""
+    params = {k: v for k, v in flat.items() if not k.startswith(BOOKKEEPING)}
+    return params, {k: v for k, v in flat.items() if k not in params}
+
+
 class RunLogger:
-    """Writes run outputs; a no-op on ranks other than the main one."""
+    """Writes run outputs; a no-op on ranks other than the main one.
+
+    ``runs/NAME/run.json`` says which MLflow run the directory belongs to and its status,
+    so that a later start can tell a run that died without recording it (SIGKILL) and mark
+    it ``KILLED``; ``final.json`` always describes the latest attempt (``status`` field)."""
+
+    STALE = ("final.json", "curves.png")
 
     def __init__(self, out_dir: Path, enabled: bool, use_mlflow: bool, tracking_uri: str = "",
                  experiment: str = "mbssl", run_name: str = "run"):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.records: list[dict] = []
+        self.timings: list[dict] = []
+        self.use_mlflow = use_mlflow
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.run_id: str | None = None
         self._mlflow = None
         self._lock = None
+        self._finished = False
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_run_dir(self.out_dir)
         self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
         self.timings_path = self.out_dir / "timings.jsonl"
-        self.timings_path.write_text("")
-        if use_mlflow:
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            import mlflow
 
-            uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-            mlflow.set_tracking_uri(uri)
-            if mlflow.get_experiment_by_name(experiment) is None:
-                art = None
-                if uri.startswith("sqlite:///"):
-                    # artifacts beside the database: sqlite:///x/mlflow.db -> x/mlartifacts
-                    art = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-                mlflow.create_experiment(experiment, artifact_location=art)
-            mlflow.set_experiment(experiment)
-            self._run = mlflow.start_run(run_name=run_name)
-            self._mlflow = mlflow
-            log.info("MLflow run %s in %s (experiment %r)", self._run.info.run_id, uri, experiment)
+    def _connect(self):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
 
-    def start(self, config: dict, flat_params: dict[str, Any], tags: dict[str, str]) -> None:
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(self.experiment) is None:
+            art = None
+            if uri.startswith("sqlite:///"):
+                # artifacts beside the database: sqlite:///x/mlflow.db -> x/mlartifacts
+                art = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+            mlflow.create_experiment(self.experiment, artifact_location=art)
+        mlflow.set_experiment(self.experiment)
+        return mlflow, uri
+
+    def previous(self) -> dict:
+        """The run.json a previous attempt left in this directory ({} if none)."""
+        try:
+            return json.loads((self.out_dir / "run.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_run_json(self, status: str) -> None:
+        atomic_write_json(self.out_dir / "run.json", {"mlflow_run_id": self.run_id, "status": status,
+                                                      "pid": os.getpid()})
+
+    def start(self, config: dict, flat_params: dict[str, Any], tags: dict[str, str],
+              resume: dict | None = None) -> None:
+        """Begin (or, with ``resume`` = a checkpoint's logger state, continue) the run:
+        stale outputs of an earlier attempt are removed, metrics.jsonl / timings.jsonl hold
+        exactly the records up to the checkpoint, and MLflow continues the same run."""
         if not self.enabled:
             return
+        for name in self.STALE:
+            (self.out_dir / name).unlink(missing_ok=True)
+        prev = self.previous()
+        self.records = list(resume["records"]) if resume else []
+        self.timings = list(resume["timings"]) if resume else []
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+        atomic_write_text(self.timings_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.timings))
         atomic_write_text(self.out_dir / "config.toml", to_toml(config))
-        if self._mlflow:
-            params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flat_params.items()}
-            self._mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-            self._mlflow.set_tags(tags)
-            self._mlflow.log_artifact(str(self.out_dir / "config.toml"))
+        if self.use_mlflow:
+            mlflow, uri = self._connect()
+            resume_id = resume.get("mlflow_run_id") if resume else None
+            if prev.get("status") == "RUNNING" and prev.get("mlflow_run_id") and prev["mlflow_run_id"] != resume_id:
+                # the attempt that wrote run.json died without recording it (we hold the lock now)
+                try:
+                    mlflow.MlflowClient().set_terminated(prev["mlflow_run_id"], status="KILLED")
+                    log.warning("MLflow run %s of an earlier attempt died unrecorded: marked KILLED",
+                                prev["mlflow_run_id"])
+                except Exception as e:  # noqa: BLE001 - the old run may live in another store
+                    log.warning("could not mark earlier MLflow run %s KILLED: %s", prev["mlflow_run_id"], e)
+            run = None
+            if resume_id:
+                try:
+                    run = mlflow.start_run(run_id=resume_id)
+                except Exception as e:  # noqa: BLE001 - e.g. another tracking store
+                    log.warning("cannot continue MLflow run %s (%s); starting a new one", resume_id, e)
+            fresh = run is None
+            if fresh:
+                run = mlflow.start_run(run_name=self.run_name)
+            self._mlflow = mlflow
+            self.run_id = run.info.run_id
+            log.info("MLflow run %s in %s (experiment %r)%s", self.run_id, uri, self.experiment,
+                     ", continued" if not fresh else "")
+            params, book = split_params(flat_params)
+            if fresh:
+                enc = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()}
+                mlflow.log_params({k: str(v)[:6000] for k, v in enc.items()})
+            mlflow.set_tags({**{k: str(v)[:5000] for k, v in book.items()}, **tags,
+                             "resumed_from_step": str(resume.get("step", "")) if resume else ""})
+            mlflow.log_artifact(str(self.out_dir / "config.toml"))
+            if fresh:
+                for r in self.records:  # a new MLflow run for a resumed directory: replay its history
+                    self._log_metrics(r, None)
+        self._write_run_json("RUNNING")
+
+    def state_dict(self) -> dict:
+        """What a checkpoint stores so that a resumed run rewrites these files exactly."""
+        return {"records": list(self.records), "timings": list(self.timings), "mlflow_run_id": self.run_id}
 
     def record(self, rec: dict, step: int | None = None, timing: dict | None = None) -> None:
         """Append one JSON record to metrics.jsonl and log its numeric fields to MLflow.
@@ -135,25 +213,38 @@ class RunLogger:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
         if timing:
+            trec = {"kind": rec.get("kind"), "epoch": rec.get("epoch"), **timing}
+            self.timings.append(trec)
             with open(self.timings_path, "a") as f:
-                f.write(json.dumps({"kind": rec.get("kind"), "epoch": rec.get("epoch"), **timing}, sort_keys=True)
-                        + "\n")
+                f.write(json.dumps(trec, sort_keys=True) + "\n")
         if self._mlflow:
-            prefix = rec.get("kind", "")
-            metrics = {}
-            items = list(rec.items()) + [(f"time/{k}", v) for k, v in (timing or {}).items()]
-            for k, v in items:
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step") \
-                        and math.isfinite(v):
-                    metrics[mlflow_name(f"{prefix}/{k}" if prefix else k)] = float(v)
-            if metrics:
-                self._mlflow.log_metrics(metrics, step=step if step is not None else rec.get("epoch", 0))
+            self._log_metrics(rec, timing, step)
+
+    def _log_metrics(self, rec: dict, timing: dict | None, step: int | None = None) -> None:
+        prefix = rec.get("kind", "")
+        metrics = {}
+        items = list(rec.items()) + [(f"time/{k}", v) for k, v in (timing or {}).items()]
+        for k, v in items:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step") \
+                    and math.isfinite(v):
+                metrics[mlflow_name(f"{prefix}/{k}" if prefix else k)] = float(v)
+        if metrics:
+            self._mlflow.log_metrics(metrics, step=step if step is not None else rec.get("epoch", 0))
 
     def finish(self, final: dict, status: str = "FINISHED") -> None:
-        if not self.enabled:
+        """Write final.json (with ``status``), log it, end the MLflow run with ``status``
+        (FINISHED, FAILED or KILLED) and release the directory. Idempotent."""
+        if not self.enabled or self._finished:
             return
+        self._finished = True
+        final = {"status": status, **final}
         atomic_write_json(self.out_dir / "final.json", final)
-        png = self.plot_curves()
+        self._write_run_json(status)
+        try:
+            png = self.plot_curves()
+        except Exception as e:  # noqa: BLE001 - a plotting problem must not hide the run's status
+            log.warning("curves.png not written: %s", e)
+            png = None
         if self._mlflow:
             self._mlflow.log_artifact(str(self.out_dir / "final.json"))
             self._mlflow.log_artifact(str(self.metrics_path))

@@ -13,6 +13,8 @@ import argparse
 import logging
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -21,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
+from tqdm import tqdm
 
 from .config import Config, ConfigError, describe, load_config, validate_against_data
+from .training import CheckpointError, CheckpointManager, EvalHistory
+from .training.checkpoint import ShardedRows, describe_tensors, load_state_tensors, state_tensors
 
 log = logging.getLogger("mbssl_dist.train")
 
@@ -71,7 +76,7 @@ def false_negative_tables(cfg: Config, ds, comm):
     return user_fn, item_fn
 
 
-def step_config(cfg: Config, K: int):
+def step_config(cfg: Config, K: int, behaviors: list[str] | None = None):
     from .model import TrainConfig as StepConfig
 
     lo, h = cfg.loss, cfg.hmg
@@ -81,7 +86,8 @@ def step_config(cfg: Config, K: int):
                       inter_weights=[lo.inter_weight] * (K - 1), use_intra=lo.use_intra, use_inter=lo.use_inter,
                       fn_mode=lo.fn_mode, view_mode=lo.view_propagation, lr=cfg.train.lr,
                       adam_betas=tuple(cfg.train.adam_betas), seed=cfg.train.seed,
-                      hmg_strategy=h.strategy, hmg_relax=h.relax, hmg_beta=h.beta, hmg_use_ema=h.norm_source == "ema")
+                      hmg_strategy=h.strategy, hmg_relax=h.relax, hmg_beta=h.beta, hmg_use_ema=h.norm_source == "ema",
+                      aux_names=list(behaviors[:-1]) if behaviors else None)
 
 
 @dataclass
@@ -119,16 +125,17 @@ class Evaluator:
         return out
 
 
-def mean_stats(results) -> dict:
-    """Per-epoch means of the per-step task losses and HMG statistics."""
+def mean_stats(results: list[dict]) -> dict:
+    """Per-epoch means of the per-step task losses and HMG statistics (``results``: one
+    ``{"losses", "hmg"}`` dict per step, JSON-able so a mid-epoch checkpoint can hold them)."""
     out: dict[str, float] = {}
     n = len(results)
     if not n:
         return out
     for r in results:
-        for k, v in r.losses.items():
+        for k, v in r["losses"].items():
             out[f"loss/{k}"] = out.get(f"loss/{k}", 0.0) + v / n
-        for t, s in zip(r.hmg.get("aux_tasks", []), r.hmg.get("aux", [])):
+        for t, s in zip(r["hmg"].get("aux_tasks", []), r["hmg"].get("aux", [])):
             for k, v in s.items():
                 if math.isfinite(v):
                     out[f"hmg/{t}/{k}"] = out.get(f"hmg/{t}/{k}", 0.0) + v / n
@@ -140,10 +147,6 @@ def peak_rss_mb() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def select_best(evals: list[dict], metric: str) -> dict | None:
-    return max(evals, key=lambda r: (r[metric], -r["epoch"])) if evals else None
 
 
 @dataclass
@@ -203,13 +206,69 @@ def build_model(cfg: Config, ds, part, comm, device: torch.device, user_fn_all=N
                   interaction_per_item=m.interaction_per_item, init_scale=m.init_scale,
                   n_users_global=ds.n_users, user_ids=torch.from_numpy(part.users),
                   init_generator=make_generator(cfg.train.seed, 0, 0, "init")).to(device)
-    step = TrainStep(model, step_config(cfg, K), comm)
+    step = TrainStep(model, step_config(cfg, K, list(ds.behaviors)), comm)
     step.reduce_grads = GradReducer(step.params, comm)
     user_items = None
     if m.interaction_scoring:
         user_items = [torch.sparse_csr_tensor(g.indptr, g.indices, torch.ones(g.nnz), size=(g.n_users, g.n_items))
                       for g in part.graph.graphs]
     return ModelRun(model, step, adjs, csr, part, ds.n_items, user_fn, item_fn_t, user_items, dtype)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class RunInterrupted(Exception):
+    """SIGTERM / SIGINT arrived (Slurm preemption, torchrun tearing workers down, Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    raise RunInterrupted(signum)
+
+
+# Config fields a resumed run may change: how it is operated, not what it computes
+# (train.epochs may grow to train longer).
+RESUMABLE_CHANGES = ("train.epochs", "train.threads", "train.device", "train.eval_batch_size", "run.",
+                     "dist.", "checkpoint.", "data.path", "data.cache_dir", "swing.workers")
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+    """Fields (section.field) whose values differ between a checkpoint's config and this run's,
+    ignoring those listed in ``RESUMABLE_CHANGES``."""
+    out = []
+    for sec in sorted(set(saved) | set(now)):
+        a, b = saved.get(sec, {}), now.get(sec, {})
+        for k in sorted(set(a) | set(b)):
+            key = f"{sec}.{k}"
+            if not key.startswith(RESUMABLE_CHANGES) and a.get(k) != b.get(k):
+                out.append(f"{key} ({a.get(k)!r} in the checkpoint, {b.get(k)!r} now)")
+    return out
+
+
+def find_resume_point(cfg: Config, ckpts: CheckpointManager, dataset_sha: str) -> tuple[Path, dict] | None:
+    """The checkpoint this run continues from, per ``run.resume``; raises ConfigError on a
+    checkpoint of another config or dataset and CheckpointError when only damaged ones exist."""
+    mode = cfg.run.resume
+    if mode == "never":
+        return None
+    found = ckpts.latest_usable()
+    if found is None:
+        if mode == "require":
+            raise ConfigError(f"run.resume = \"require\" but {ckpts.root} holds no complete checkpoint")
+        return None
+    path, doc = found
+    diff = config_differences(doc["config"], cfg.to_dict())
+    if diff:
+        raise ConfigError(f"run.resume: {path} was written by a different config: {'; '.join(diff)} "
+                          f"(use another run.name, or run.resume = \"never\" to start over)")
+    if doc.get("dataset_sha256") != dataset_sha:
+        raise ConfigError(f"run.resume: {path} was trained on another dataset (sha256 {doc.get('dataset_sha256')}, "
+                          f"now {dataset_sha}); use another run.name or run.resume = \"never\"")
+    return path, doc
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -232,8 +291,8 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     comm.barrier()
     ds = load_prepared(prepared_dir_for(cfg.data))
     validate_against_data(cfg, ds.behaviors)
-    log.info("data %s: %d users x %d items, behaviors %s, train counts %s", ds.path, ds.n_users, ds.n_items,
-             ds.behaviors, ds.counts())
+    log.info("data %s: %d users x %d items, behaviors %s (target %r), train counts %s", ds.path, ds.n_users,
+             ds.n_items, ds.behaviors, ds.behaviors[-1], ds.counts())
 
     # 2. swing false negatives (cached)
     user_fn_all, item_fn = false_negative_tables(cfg, ds, comm)
@@ -250,93 +309,136 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     model, step, adjs = run.model, run.step, run.adjs
     state = step.state
     evaluator = Evaluator(ds, part, list(tc.ks), tc.eval_batch_size)
+    history = EvalHistory(tc.select_metric, tc.patience)
 
-    # 5. run outputs (main rank only)
+    # 5. run directory (locked by the main rank), then resume from its newest checkpoint
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     logger = RunLogger(run_dir, comm.is_main, cfg.run.mlflow, cfg.run.tracking_uri, cfg.run.experiment,
                        cfg.run.name)
-    logger.start(cfg.to_dict(), cfg.flat(), {"git_commit": git_commit(), "dataset_sha256": ds.checksum(),
-                                             "dataset": str(ds.path), "world_size": str(comm.world_size),
-                                             "device": str(device), "config_file": cfg.source})
+    comm.barrier()
+    ckpts = CheckpointManager(run_dir / "checkpoints", comm, cfg.checkpoint.keep)
+    rows = ShardedRows(part.users, ds.n_users, comm)
+    resume = find_resume_point(cfg, ckpts, ds.checksum())
+    start_epoch, start_batch, partial = 0, 0, []
+    if resume is None:
+        if comm.is_main:
+            if ckpts.root.exists() or (run_dir / "model").exists():
+                log.info("starting fresh in %s: removing the earlier run's checkpoints and model", run_dir)
+            ckpts.clear()
+            shutil.rmtree(run_dir / "model", ignore_errors=True)
+        comm.barrier()
+    else:
+        path, doc = resume
+        load_state_tensors(ckpts, path, doc["tensors"], model, step, rows)
+        # state.epoch = the last epoch trained (the loop sets it again before each step)
+        state.step = int(doc["step"])
+        state.epoch = int(doc["epoch"]) - (1 if int(doc["batch"]) == 0 else 0)
+        state.hmg.steps = int(doc["hmg_steps"])
+        history.load_state_dict(doc["history"])
+        start_epoch, start_batch, partial = int(doc["epoch"]), int(doc["batch"]), list(doc["partial"])
+        log.info("resuming from %s (written by %d rank(s)): epoch %d, batch %d, global step %d", path,
+                 doc["world_size"], start_epoch, start_batch, state.step)
+    ckpts.remove_partial()
+    logger.start(cfg.to_dict(), cfg.flat(),
+                 {"git_commit": git_commit(), "dataset_sha256": ds.checksum(), "dataset": str(ds.path),
+                  "world_size": str(comm.world_size), "device": str(device), "config_file": cfg.source},
+                 resume=dict(resume[1]["logger"], step=resume[1]["step"]) if resume else None)
 
-    # 6. epochs
+    def save_checkpoint(epoch: int, batch: int, partial_results: list[dict]) -> None:
+        t0 = time.time()
+        tensors = state_tensors(model, step, rows)
+        meta = {"epoch": epoch, "batch": batch, "partial": partial_results, "hmg_steps": state.hmg.steps,
+                "history": history.state_dict(), "logger": logger.state_dict(), "config": cfg.to_dict(),
+                "dataset_sha256": ds.checksum(), "tensors": describe_tensors(tensors)}
+        path = ckpts.save(state.step, tensors, meta)
+        log.info("checkpoint %s (%.2fs)", path, time.time() - t0)
+
+    # 6. epochs; every exit is recorded (FINISHED / FAILED / KILLED) in run.json, final.json and MLflow
     U, B = ds.n_users, tc.batch_size
     n_batches = math.ceil(U / B)
     if tc.max_steps_per_epoch:
         n_batches = min(n_batches, tc.max_steps_per_epoch)
-    evals: list[dict] = []
-    bad_evals = 0
-    status = "FINISHED"
     progress = cfg.run.progress and comm.is_main
-    for epoch in range(tc.epochs):
-        state.epoch = epoch
-        t0 = time.time()
-        views = None
-        if cfg.loss.use_intra:
-            views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, tc.seed, epoch, comm,
-                                 cfg.model.norm, run.dtype, device)
-        perm = epoch_permutation(U, tc.seed, epoch)
-        results = []
-        bar = range(n_batches)
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(bar, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
-        for b in bar:
-            batch = run.batch(perm[b * B:(b + 1) * B])
-            try:
-                res = step(batch, adjs, views)
-            except NonFiniteLossError as e:
-                msg = f"non-finite loss in task {e.task!r} at epoch {epoch}, step {b} (global step {state.step})"
-                log.error("%s: %s; stopping", msg, e.value)
-                logger.record({"kind": "error", "epoch": epoch, "step": b, "task": e.task, "message": msg})
-                logger.finish({"error": msg, "evaluations": evals}, status="FAILED")
-                raise SystemExit(3) from e
-            results.append(res)
-            if progress:
-                bar.set_postfix(rec=f"{res.losses['rec']:.4g}")
-        rec = {"kind": "epoch", "epoch": epoch, "steps": len(results)}
-        timing = {"seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb()}
-        if device.type == "cuda":
-            timing["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        rec.update(mean_stats(results))
-        logger.record(rec, step=epoch, timing=timing)
-        log.info("epoch %d: %.1fs, %s", epoch, timing["seconds"],
-                 ", ".join(f"{k[5:]}={v:.4g}" for k, v in rec.items() if k.startswith("loss/")))
-
-        last = epoch == tc.epochs - 1
-        if (epoch + 1) % tc.eval_every == 0 or last:
-            t1 = time.time()
-            res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
-            ev = {"epoch": epoch}
-            eval_seconds = round(time.time() - t1, 3)
-            for ph in ("valid", "test"):
-                for k, v in res[ph].items():
-                    if k != "n_users":
-                        ev[f"{ph}/{k}"] = v
-                logger.record({"kind": ph, "epoch": epoch, **res[ph]}, step=epoch,
-                              timing={"eval_seconds": eval_seconds} if ph == "valid" else None)
-            ev_key = {k.split("/", 1)[1]: v for k, v in ev.items() if k.startswith("valid/")}
-            ev_row = {"epoch": epoch, **ev_key, "test": {k.split("/", 1)[1]: v for k, v in ev.items()
-                                                         if k.startswith("test/")}}
-            best = select_best(evals, tc.select_metric)
-            improved = best is None or ev_row[tc.select_metric] > best[tc.select_metric]
-            evals.append(ev_row)
-            bad_evals = 0 if improved else bad_evals + 1
-            log.info("epoch %d valid: %s | test: %s%s", epoch,
-                     " ".join(f"{k}={v:.4f}" for k, v in res["valid"].items() if k != "n_users"),
-                     " ".join(f"{k}={v:.4f}" for k, v in res["test"].items() if k != "n_users"),
-                     " *" if improved else "")
-            if tc.patience and bad_evals >= tc.patience:
-                log.info("early stop: no validation improvement in %d evaluations", bad_evals)
+    every_steps = cfg.checkpoint.every_steps
+    old_handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for epoch in range(start_epoch, tc.epochs):
+            if history.should_stop():
                 break
+            state.epoch = epoch
+            t0 = time.time()
+            views = None
+            if cfg.loss.use_intra:
+                views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, tc.seed, epoch, comm,
+                                     cfg.model.norm, run.dtype, device)
+            perm = epoch_permutation(U, tc.seed, epoch)
+            first = start_batch if epoch == start_epoch else 0
+            results = list(partial) if epoch == start_epoch else []
+            bar = range(first, n_batches)
+            if progress:
+                bar = tqdm(bar, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, initial=first,
+                           total=n_batches)
+            for b in bar:
+                batch = run.batch(perm[b * B:(b + 1) * B])
+                try:
+                    res = step(batch, adjs, views)
+                except NonFiniteLossError as e:
+                    msg = f"non-finite loss in task {e.task!r} at epoch {epoch}, step {b} (global step {state.step})"
+                    log.error("%s: %s; stopping", msg, e.value)
+                    logger.record({"kind": "error", "epoch": epoch, "step": b, "task": e.task, "message": msg})
+                    logger.finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, status="FAILED")
+                    return 3
+                results.append({"losses": res.losses, "hmg": {"aux_tasks": res.hmg.get("aux_tasks", []),
+                                                              "aux": res.hmg.get("aux", [])}})
+                if progress:
+                    bar.set_postfix(rec=f"{res.losses['rec']:.4g}")
+                if every_steps and state.step % every_steps == 0 and b + 1 < n_batches:
+                    save_checkpoint(epoch, b + 1, results)
+            rec = {"kind": "epoch", "epoch": epoch, "steps": len(results)}
+            timing = {"seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb()}
+            if device.type == "cuda":
+                timing["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            rec.update(mean_stats(results))
+            logger.record(rec, step=epoch, timing=timing)
+            log.info("epoch %d: %.1fs, %s", epoch, timing["seconds"],
+                     ", ".join(f"{k[5:]}={v:.4g}" for k, v in rec.items() if k.startswith("loss/")))
+
+            last = epoch == tc.epochs - 1
+            if (epoch + 1) % tc.eval_every == 0 or last:
+                t1 = time.time()
+                res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
+                eval_seconds = round(time.time() - t1, 3)
+                for ph in ("valid", "test"):
+                    logger.record({"kind": ph, "epoch": epoch, **res[ph]}, step=epoch,
+                                  timing={"eval_seconds": eval_seconds} if ph == "valid" else None)
+                scores = {ph: {k: v for k, v in res[ph].items() if k != "n_users"} for ph in ("valid", "test")}
+                improved = history.add(epoch, scores["valid"], scores["test"])
+                log.info("epoch %d valid: %s | test: %s%s", epoch,
+                         " ".join(f"{k}={v:.4f}" for k, v in scores["valid"].items()),
+                         " ".join(f"{k}={v:.4f}" for k, v in scores["test"].items()), " *" if improved else "")
+                if history.should_stop():
+                    log.info("early stop: no validation improvement in %d evaluations", history.bad)
+            every = cfg.checkpoint.every_epochs
+            if (every and (epoch + 1) % every == 0) or history.should_stop() or last:
+                save_checkpoint(epoch + 1, 0, [])
+    except RunInterrupted as e:
+        log.error("%s at epoch %d, global step %d; recorded as KILLED", e, state.epoch, state.step)
+        logger.finish({"error": str(e), "exit_code": 128 + e.signum, "evaluations": history.rows}, status="KILLED")
+        return 128 + e.signum
+    except BaseException as e:
+        logger.finish({"error": f"{type(e).__name__}: {e}", "exit_code": 1, "evaluations": history.rows},
+                      status="FAILED")
+        raise
+    finally:
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
 
     # 7. final report: test at the best validation epoch; the reference protocol separately
-    best = select_best(evals, tc.select_metric)
-    ref = max(evals, key=lambda r: (r["test"][tc.select_metric], -r["epoch"])) if evals else None
+    best, ref = history.best, history.reference_best
     final = {
         "select_metric": tc.select_metric,
         "best_epoch": best["epoch"] if best else None,
-        "valid": {k: v for k, v in best.items() if k not in ("epoch", "test")} if best else None,
+        "valid": best["valid"] if best else None,
         "test": best["test"] if best else None,
         "reference_protocol_best_test_epoch": {"epoch": ref["epoch"], "test": ref["test"]} if ref else None,
         "epochs_run": state.epoch + 1,
@@ -345,7 +447,7 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         "dataset": str(ds.path),
         "dataset_sha256": ds.checksum(),
     }
-    logger.finish(final, status=status)
+    logger.finish(final, status="FINISHED")
     if comm.is_main:
         log.info("best epoch %s: test %s (outputs in %s)", final["best_epoch"], final["test"], run_dir)
     return 0
@@ -384,6 +486,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         log.error("config error: %s", e)
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        log.error("checkpoint error: %s", e)
+        print(f"checkpoint error: {e}", file=sys.stderr)
         return 2
     finally:
         shutdown(comm)

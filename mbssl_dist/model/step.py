@@ -182,6 +182,7 @@ class TrainConfig:
     hmg_relax: float = 0.7
     hmg_beta: float = 0.9
     hmg_use_ema: bool = True
+    aux_names: Sequence[str] | None = None  # auxiliary behaviors' names: tasks inter_<name> (else inter_<k>)
 
 
 class TrainState:
@@ -246,8 +247,12 @@ class TrainStep:
         self.tasks = ["rec"]
         if config.use_intra:
             self.tasks.append("intra")
+        names = list(config.aux_names) if config.aux_names is not None else [str(k) for k in range(K - 1)]
+        if len(names) != K - 1:
+            raise ValueError(f"aux_names {names}: expected {K - 1} auxiliary behaviors")
+        self.inter_tasks = [f"inter_{n}" for n in names]
         if config.use_inter:
-            self.tasks += [f"inter_{k}" for k in range(K - 1)]
+            self.tasks += self.inter_tasks
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.sharded = [p is model.user_embedding for p in self.params]
         if state is None:
@@ -319,7 +324,7 @@ class TrainStep:
             self._tick("loss/intra")
         if cfg.use_inter:
             for k in range(K - 1):
-                losses[f"inter_{k}"] = self.inter_loss(users[:, K - 1], users[:, k], batch.user_anchors,
+                losses[self.inter_tasks[k]] = self.inter_loss(users[:, K - 1], users[:, k], batch.user_anchors,
                                                        items[:, K - 1], items[:, k], batch.item_anchors,
                                                        comm, cand_ids, self.inter_weights[k])
                 self._tick(f"loss/inter_{k}")
