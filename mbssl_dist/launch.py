@@ -5,7 +5,9 @@ so the trainer's documented codes (2 = config/data error, 3 = non-finite loss) a
 This launcher runs torchrun's own code (``torch.distributed.run``: same flags, same parser,
 same elastic agent), catches the agent's ``ChildFailedError`` and exits with the exit code
 of the *first* failed worker (earliest error-file timestamp, then lowest rank; a worker
-killed by signal N gives 128 + N, as a shell would). It logs which rank failed, its exit
+killed by signal N gives 128 + N, as a shell would; the launcher itself stopped by SIGTERM
+or SIGINT -- Slurm cancel, preemption, requeue -- exits 128 + N after torchrun has stopped
+its workers). It logs which rank failed, its exit
 code, its error file and, where the worker recorded one (``@record`` on ``train.main``),
 its traceback -- also when that rank's console output is filtered out by
 ``--local-ranks-filter``.
@@ -28,6 +30,7 @@ def exit_code_of(failure) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -55,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             log.error("rank %d: %s", rank, failure.message)
         print(f"worker rank {rank} failed with exit code {code} (error file: {error_file})", file=sys.stderr)
         return code
+    except SignalException as e:
+        # the launcher itself got SIGTERM/SIGINT (Slurm cancel, preemption, requeue; Ctrl-C):
+        # torchrun has already sent its workers the signal; exit as a signalled process would
+        log.error("launcher got %s: workers stopped", e.sigval.name)
+        return 128 + int(e.sigval)
     return 0
 
 
