@@ -9,7 +9,9 @@
 #   (a)     sbatch --nodes 1 --cpus-per-task 2  -> 1 node x 2 processes (CPU rule: one per CPU)
 #   (b)     sbatch --nodes 2 --cpus-per-task 1  -> 2 nodes x 1 process (c10d across "nodes")
 #   requeue (a) again, `scontrol requeue` once its first checkpoint is complete: the job must
-#           restart (Restarts=1), resume from the checkpoint and finish  (skip: SLURM_LOCAL_REQUEUE=0)
+#           restart (Restarts=1), resume from the checkpoint and finish  (skip: SLURM_LOCAL_REQUEUE=0;
+#           SLURM_LOCAL_REQUEUE=signal: send the batch script USR1 instead, as --signal does
+#           before the time limit, so that its own trap requeues the job)
 # and checks that every job COMPLETED with exit code 0 and that its final.json (best epoch,
 # validation and test metrics) equals the plain run's. Every run writes under the temp dir
 # (run.output_dir, data.cache_dir; MLflow, on for the plain and the requeued run, into a sqlite
@@ -229,7 +231,7 @@ grep -q "2 node(s) x 1 process(es)" "$TMP/out/slurm-$JB.out" || die "(b) did not
 same_final slurm_2x1 || die "(b) final metrics differ from the plain run"
 say "(b) done in $((SECONDS - t0)) s"
 
-if [ "$REQUEUE" = "1" ]; then
+if [ "$REQUEUE" = "1" ] || [ "$REQUEUE" = "signal" ]; then
   t0=$SECONDS
   JR=$(submit slurm_requeue true --nodes 1 --cpus-per-task 2)
   say "requeue job $JR: waiting for its first complete checkpoint"
@@ -240,10 +242,17 @@ if [ "$REQUEUE" = "1" ]; then
     sleep 0.2
   done
   ck=$(basename "$(compgen -G "$TMP/runs/slurm_requeue/checkpoints/step-*" | sort | tail -n 1)")
-  scontrol requeue "$JR"
-  say "requeued job $JR after checkpoint $ck"
-  # a requeued job waits for its BeginTime; release it at once
-  for _ in $(seq 30); do
+  if [ "$REQUEUE" = "signal" ]; then
+    # the time-limit path: USR1 to the batch shell (what --signal=B:USR1@300 sends), whose trap
+    # runs `scontrol requeue` itself
+    scancel --batch --signal=USR1 "$JR"
+    say "sent USR1 to job $JR's batch script after checkpoint $ck"
+  else
+    scontrol requeue "$JR"
+    say "requeued job $JR after checkpoint $ck"
+  fi
+  # a requeued job is held until a BeginTime (about 2 minutes on); release it as soon as it pends
+  for _ in $(seq 180); do
     st=$(job_field "$JR" JobState)
     [ "$st" = "PENDING" ] && { scontrol update jobid="$JR" StartTime=now 2>/dev/null || true; break; }
     [ "$st" = "RUNNING" ] && [ "$(job_field "$JR" Restarts)" -ge 1 ] && break
