@@ -16,6 +16,7 @@ its traceback -- also when that rank's console output is filtered out by
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 log = logging.getLogger("mbssl_dist.launch")
@@ -27,6 +28,14 @@ def exit_code_of(failure) -> int:
     if code < 0:
         return 128 + (-code)
     return code if code > 0 else 1
+
+
+def recorded_traceback(data) -> str:
+    """The Python traceback torch elastic's ``@record`` wrote into a worker's error file."""
+    msg = data.get("message") if isinstance(data, dict) else None
+    if isinstance(msg, dict):
+        return str(msg.get("extraInfo", {}).get("py_callstack", ""))
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,19 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         rank, failure = e.get_first_failure()
         code = exit_code_of(failure)
         others = sorted(r for r in e.failures if r != rank)
-        error_file = failure.error_file if failure.error_file and failure.error_file != "<N/A>" else "none"
+        has_file = bool(failure.error_file) and os.path.isfile(failure.error_file)
+        error_file = failure.error_file if has_file else "none"
         log.error("rank %d (local rank %d, pid %d) failed first with exit code %d%s; error file: %s%s",
                   rank, failure.local_rank, failure.pid, code,
                   f" ({failure.signal_name()})" if failure.exitcode < 0 else "", error_file,
                   f"; also failed: ranks {others}" if others else "")
-        trace = ""
-        if isinstance(failure.error_file_data, dict):
-            trace = failure.error_file_data.get("message", {}).get("extraInfo", {}).get("py_callstack", "") \
-                if isinstance(failure.error_file_data.get("message"), dict) else ""
+        trace = recorded_traceback(failure.error_file_data) if has_file else ""
         if trace:
             log.error("rank %d traceback:\n%s", rank, trace.rstrip())
         else:
-            log.error("rank %d: %s", rank, failure.message)
+            log.error("rank %d recorded no traceback (it exited by itself or was killed): see its stderr "
+                      "(--log-dir), final.json and the exit-code table in README", rank)
         print(f"worker rank {rank} failed with exit code {code} (error file: {error_file})", file=sys.stderr)
         return code
     except SignalException as e:

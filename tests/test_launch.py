@@ -46,6 +46,7 @@ def test_launcher_exit_codes_0_2_3(tmp_path):
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert "unknown field train.epochz" in bad.stderr
     assert "failed with exit code 2" in bad.stderr
+    assert "recorded no traceback" in bad.stderr  # an exit by itself is not reported as a crash
 
     nan = launch(tmp_path, "nan", ["train.lr=1e30", "loss.use_inter=false", "train.epochs=3"])
     assert nan.returncode == 3, nan.stderr[-3000:]
