@@ -59,6 +59,11 @@ PHASES = ("valid", "test")
 HeldOut = Union[sp.spmatrix, "tuple[np.ndarray, np.ndarray]"]
 
 
+
+class NonFiniteScoresError(ValueError):
+    """The model scored NaN: its parameters diverged (a step with a finite loss can still
+    leave them non-finite)."""
+
 def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
     """Names of the entries of ``evaluate_sums``'s tensor, in order (last: ``n_users``)."""
     names = []
@@ -156,7 +161,7 @@ def evaluate_sums(score_fn: Callable[[torch.Tensor], torch.Tensor], users, heldo
             raise ValueError(f"score_fn gives {n_items} items; held-out has {held.shape[1]} columns, "
                              f"mask {None if mask_csr is None else mask_csr.shape[1]}")
         if torch.isnan(scores).any():
-            raise ValueError("score_fn returned NaN scores")
+            raise NonFiniteScoresError("score_fn returned NaN scores")
         dev = scores.device
         B = len(ub)
         hr, hc = _rows(held, ub)

@@ -220,6 +220,19 @@ class RunLogger:
         if self._mlflow:
             self._log_metrics(rec, timing, step)
 
+    def timing(self, rec: dict) -> None:
+        """A wall-clock record (checkpoint save / resume load) for timings.jsonl and MLflow only."""
+        if not self.enabled:
+            return
+        self.timings.append(rec)
+        with open(self.timings_path, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        if self._mlflow:
+            vals = {mlflow_name(f"time/{rec['kind']}/{k}"): float(v) for k, v in rec.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step")}
+            if vals:
+                self._mlflow.log_metrics(vals, step=int(rec.get("step", 0)))
+
     def _log_metrics(self, rec: dict, timing: dict | None, step: int | None = None) -> None:
         prefix = rec.get("kind", "")
         metrics = {}

@@ -26,6 +26,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from .config import Config, ConfigError, describe, load_config, validate_against_data
+from .evaluate import NonFiniteScoresError
 from .training import CheckpointError, CheckpointManager, EvalHistory
 from .training.checkpoint import ShardedRows, describe_tensors, load_state_tensors, state_tensors
 
@@ -329,7 +330,9 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         comm.barrier()
     else:
         path, doc = resume
+        t_load = time.time()
         load_state_tensors(ckpts, path, doc["tensors"], model, step, rows)
+        load_seconds = time.time() - t_load
         # state.epoch = the last epoch trained (the loop sets it again before each step)
         state.step = int(doc["step"])
         state.epoch = int(doc["epoch"]) - (1 if int(doc["batch"]) == 0 else 0)
@@ -343,6 +346,9 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                  {"git_commit": git_commit(), "dataset_sha256": ds.checksum(), "dataset": str(ds.path),
                   "world_size": str(comm.world_size), "device": str(device), "config_file": cfg.source},
                  resume=dict(resume[1]["logger"], step=resume[1]["step"]) if resume else None)
+    if resume:
+        logger.timing({"kind": "resume", "epoch": start_epoch, "step": state.step, "seconds": round(load_seconds, 4),
+                       "from_world_size": resume[1]["world_size"]})
 
     def save_checkpoint(epoch: int, batch: int, partial_results: list[dict]) -> None:
         t0 = time.time()
@@ -351,7 +357,11 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                 "history": history.state_dict(), "logger": logger.state_dict(), "config": cfg.to_dict(),
                 "dataset_sha256": ds.checksum(), "tensors": describe_tensors(tensors)}
         path = ckpts.save(state.step, tensors, meta)
-        log.info("checkpoint %s (%.2fs)", path, time.time() - t0)
+        seconds = time.time() - t0
+        size = sum(f.stat().st_size for f in path.iterdir()) if comm.is_main else 0
+        log.info("checkpoint %s (%.2fs, %.1f MB)", path, seconds, size / 1e6)
+        logger.timing({"kind": "checkpoint", "epoch": epoch, "step": state.step, "seconds": round(seconds, 4),
+                       "bytes": size})
 
     # 6. epochs; every exit is recorded (FINISHED / FAILED / KILLED) in run.json, final.json and MLflow
     U, B = ds.n_users, tc.batch_size
@@ -406,7 +416,16 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
             last = epoch == tc.epochs - 1
             if (epoch + 1) % tc.eval_every == 0 or last:
                 t1 = time.time()
-                res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
+                try:
+                    res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
+                except NonFiniteScoresError:
+                    msg = (f"non-finite scores at the evaluation after epoch {epoch} (global step {state.step}): "
+                           f"the parameters diverged; lower train.lr")
+                    log.error("%s; stopping", msg)
+                    logger.record({"kind": "error", "epoch": epoch, "step": None, "task": "evaluation",
+                                   "message": msg})
+                    logger.finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, status="FAILED")
+                    return 3
                 eval_seconds = round(time.time() - t1, 3)
                 for ph in ("valid", "test"):
                     logger.record({"kind": ph, "epoch": epoch, **res[ph]}, step=epoch,

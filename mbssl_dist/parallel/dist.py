@@ -149,6 +149,24 @@ class DistComm(Comm):
         dist.barrier()
 
 
+def elastic_attempt_store(timeout: datetime.timedelta):
+    """Under torchrun (the agent hosts the store), a client of that store whose keys are
+    prefixed by the restart attempt; None elsewhere.
+
+    Why: after ``--max-restarts`` restarts the workers, torchrun's c10d rendezvous hands the
+    new workers the *same* store (same MASTER_PORT), which still holds the dead workers'
+    gloo/nccl addresses under the same key names; the new process group then reads them and
+    fails (``connectFullMesh ... Connection refused``) or hangs, depending on who writes
+    first. torch assumes a fresh store per attempt (``rendezvous._create_c10d_store``), which
+    torch 2.13's agent does not provide; a per-attempt prefix gives the same isolation."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                           is_master=False, timeout=timeout)
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return dist.PrefixStore(f"mbssl/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt_{attempt}/", client)
+
+
 def init_distributed(device_pref: str = "auto", collectives: str = "auto") -> tuple[Comm, torch.device]:
     """Initialise the process group when launched by torchrun (WORLD_SIZE set), choosing
     nccl for GPUs and gloo on CPU; otherwise return a ``LocalComm``. ``collectives`` (CPU
@@ -167,7 +185,13 @@ def init_distributed(device_pref: str = "auto", collectives: str = "auto") -> tu
         return LocalComm(), device
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        store = elastic_attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                    timeout=timeout)
         log.info("rank %d/%d: process group up (%s) on %s", dist.get_rank(), dist.get_world_size(), backend, device)
     if not use_cuda:
         from .shm import ShmComm, shm_supported, single_host
