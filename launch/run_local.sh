@@ -8,6 +8,8 @@
 #   LOG_RANK        local ranks shown on the console (torchrun --local-ranks-filter, e.g. 0 or 0,1;
 #                   also LOG_RANKS); default 0. Every rank's stdout/stderr and error file go to
 #   LOG_DIR         (torchrun --log-dir; default runs/torchrun-logs), one sub-directory per launch.
+#   MAX_RESTARTS    torchrun --max-restarts (restart all workers after a failure; they resume
+#                   from the newest checkpoint), default 0
 #   OMP_NUM_THREADS threads per process (also THREADS); default: cores / processes
 # Extra arguments are passed to mbssl_dist.train (e.g. --set train.epochs=5).
 set -euo pipefail
@@ -25,5 +27,5 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-${THREADS:-$(( CORES / NPROC_PER_NODE > 0 ? C
 export OMP_NUM_THREADS MLFLOW_DISABLE_TELEMETRY=true
 mkdir -p "$LOG_DIR"
 exec $PY -m mbssl_dist.launch --standalone --nproc_per_node "$NPROC_PER_NODE" \
-  --log-dir "$LOG_DIR" --tee 3 --local-ranks-filter "$LOG_RANK" --role rank \
+  --max-restarts "${MAX_RESTARTS:-0}" --log-dir "$LOG_DIR" --tee 3 --local-ranks-filter "$LOG_RANK" --role rank \
   -m mbssl_dist.train --config "$CONFIG_FILE" "$@"
