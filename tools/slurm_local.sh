@@ -13,7 +13,8 @@
 #           SLURM_LOCAL_REQUEUE=signal: send the batch script USR1 instead, as --signal does
 #           before the time limit, so that its own trap requeues the job)
 # and checks that every job COMPLETED with exit code 0 and that its final.json (best epoch,
-# validation and test metrics) equals the plain run's. Every run writes under the temp dir
+# validation and test metrics) and metrics.jsonl (every loss, HMG statistic and evaluation,
+# 1e-5 relative) equal the plain run's. Every run writes under the temp dir
 # (run.output_dir, data.cache_dir; MLflow, on for the plain and the requeued run, into a sqlite
 # store there), never the user's mlflow.db or
 # runs/. On exit (success, failure or Ctrl-C) it stops exactly the daemons it started, by pid,
@@ -195,10 +196,22 @@ submit() {  # name, mlflow (true/false), sbatch options... ; prints the job id
   sbatch --parsable --job-name "$name" --time 15 --output "$TMP/out/slurm-%j.out" "$@" \
     launch/slurm.sbatch configs/synthetic.toml "${A[@]}"
 }
-same_final() {  # run name: final.json equal to the plain run's
+same_final() {  # run name: final.json and metrics.jsonl equal to the plain run's
   "$PY" - "$TMP/runs/plain/final.json" "$TMP/runs/$1/final.json" <<'EOF'
 import json, math, sys
+from pathlib import Path
 a, b = (json.load(open(p)) for p in sys.argv[1:])
+# metrics.jsonl holds only seed-determined values (losses, HMG statistics, evaluations)
+ma, mb = ([json.loads(x) for x in (Path(p).parent / "metrics.jsonl").read_text().splitlines()] for p in sys.argv[1:])
+if len(ma) != len(mb):
+    sys.exit(f"{sys.argv[2]}: metrics.jsonl has {len(mb)} records, the plain run {len(ma)}")
+for ra, rb in zip(ma, mb):
+    for k, v in ra.items():
+        w = rb.get(k)
+        same = (math.isclose(v, w, rel_tol=1e-5, abs_tol=1e-7) if isinstance(v, float) and isinstance(w, float)
+                else v == w)
+        if not same:
+            sys.exit(f"{sys.argv[2]}: metrics.jsonl {ra.get('kind')} epoch {ra.get('epoch')} {k}: {w} vs plain {v}")
 def flat(d, p=""):
     for k, v in (d or {}).items():
         if isinstance(v, dict):
