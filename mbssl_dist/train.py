@@ -26,7 +26,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from .config import Config, ConfigError, describe, load_config, validate_against_data
+from .data.errors import DataError
 from .evaluate import NonFiniteScoresError
+from .export import save_model
 from .training import CheckpointError, CheckpointManager, EvalHistory
 from .training.checkpoint import ShardedRows, describe_tensors, load_state_tensors, state_tensors
 
@@ -286,10 +288,19 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
-    # 1. data: prepared once by rank 0, then loaded by every rank
+    # 1. data: prepared once by rank 0, then loaded by every rank (a bad input found by rank 0
+    # stops every rank with exit 2, not the others with a gloo error at the next collective)
+    bad: DataError | None = None
     if comm.is_main:
-        ensure_prepared(cfg.data)
-    comm.barrier()
+        try:
+            ensure_prepared(cfg.data)
+        except DataError as e:
+            bad = e
+    failed = comm.all_reduce_sum_(torch.tensor([1.0 if bad else 0.0]))
+    if bad is not None:
+        raise bad
+    if failed.item():
+        raise DataError("the data could not be prepared (rank 0 says why)")
     ds = load_prepared(prepared_dir_for(cfg.data))
     validate_against_data(cfg, ds.behaviors)
     log.info("data %s: %d users x %d items, behaviors %s (target %r), train counts %s", ds.path, ds.n_users,
@@ -432,6 +443,8 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                                   timing={"eval_seconds": eval_seconds} if ph == "valid" else None)
                 scores = {ph: {k: v for k, v in res[ph].items() if k != "n_users"} for ph in ("valid", "test")}
                 improved = history.add(epoch, scores["valid"], scores["test"])
+                if improved:  # the best-validation model -> runs/NAME/model (collective)
+                    save_model(run_dir / "model", run, cfg, ds, comm, history.rows[-1])
                 log.info("epoch %d valid: %s | test: %s%s", epoch,
                          " ".join(f"{k}={v:.4f}" for k, v in scores["valid"].items()),
                          " ".join(f"{k}={v:.4f}" for k, v in scores["test"].items()), " *" if improved else "")
@@ -466,6 +479,14 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         "dataset": str(ds.path),
         "dataset_sha256": ds.checksum(),
     }
+    if comm.is_main and cfg.run.mlflow and (run_dir / "model").is_dir():
+        from .mlflow_model import log_model_to_mlflow  # mlflow.pyfunc: imported only when used
+
+        try:
+            log_model_to_mlflow(run_dir / "model")
+        except Exception as e:  # noqa: BLE001 - the run itself finished; say what is missing
+            log.warning("the model was not logged to MLflow (%s: %s); it is in %s", type(e).__name__, e,
+                        run_dir / "model")  # the best-validation model under the run's "Logged models"
     logger.finish(final, status="FINISHED")
     if comm.is_main:
         log.info("best epoch %s: test %s (outputs in %s)", final["best_epoch"], final["test"], run_dir)
@@ -486,11 +507,17 @@ def main(argv=None) -> int:
         print(describe())
         return 0
     setup_logging()
+    from .config import check_runtime
+    from .data.cache import prepared_dir_for
+    from .data.errors import DataError
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        log.error("config error: %s", e)
-        print(f"config error: {e}", file=sys.stderr)
+        check_runtime(cfg)  # train.device = "cuda" without a GPU
+        prepared_dir_for(cfg.data)  # a missing data.path fails here, on every rank
+    except (ConfigError, DataError) as e:
+        what = "data error" if isinstance(e, DataError) else "config error"
+        log.error("%s: %s", what, e)
+        print(f"{what}: {e}", file=sys.stderr)
         return 2
     from .model.mbssl import set_sparse_backend
     from .parallel.dist import init_distributed, shutdown
@@ -502,9 +529,10 @@ def main(argv=None) -> int:
         if os.environ.get(_RAISE_ON_RANK_ENV, "") == str(comm.rank):
             raise RuntimeError(f"{_RAISE_ON_RANK_ENV}={comm.rank}: test failure on rank {comm.rank}")
         return train(cfg, comm, device, prepare_only=args.prepare_only)
-    except ConfigError as e:
-        log.error("config error: %s", e)
-        print(f"config error: {e}", file=sys.stderr)
+    except (ConfigError, DataError) as e:
+        what = "data error" if isinstance(e, DataError) else "config error"
+        log.error("%s: %s", what, e)
+        print(f"{what}: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
         log.error("checkpoint error: %s", e)

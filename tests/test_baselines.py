@@ -202,7 +202,7 @@ def test_run_baselines_and_cli(tmp_path):
     write_prepared(d, ds)
     out = tmp_path / "res.json"
     assert main(["--data", str(d), "--out", str(out), "--which", "popularity,lightgcn", "--epochs", "2",
-                 "--batch-size", "64", "--dim", "8", "--layers", "1", "--eval-every", "1"]) == 0
+                 "--batch-size", "64", "--dim", "8", "--layers", "1", "--eval-every", "1", "--no-mlflow"]) == 0
     doc = json.loads(out.read_text())
     assert set(doc["results"]) == {"popularity", "lightgcn"}
     assert doc["results"]["popularity"]["test"] == res["popularity"]["test"]

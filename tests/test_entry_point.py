@@ -32,7 +32,7 @@ TINY = ["data.synthetic_users=300", "data.synthetic_items=200", "data.synthetic_
 NAN = ["train.epochs=3", "train.lr=1e30", "loss.use_inter=false", "train.max_steps_per_epoch=1",
        "train.eval_every=10"]
 NAN_MSG = "non-finite loss in task 'rec' at epoch 1, step 0 (global step 1)"
-RUN_FILES = {"config.toml", "metrics.jsonl", "timings.jsonl", "final.json", "curves.png", ".run.lock", "run.json",
+RUN_FILES = {"config.toml", "metrics.jsonl", "timings.jsonl", "final.json", "curves.png", ".run.lock", "run.json", "model",
              "checkpoints"}
 TOL = 1e-5
 
