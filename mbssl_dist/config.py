@@ -168,6 +168,10 @@ class TrainConfig:
     """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
     threads: int = 0
     """torch intra-op threads per process (0 = torch default)."""
+    sparse_backend: str = "auto"
+    """Kernel of the sparse adjacency products: ``auto`` (scipy for CPU tensors, torch's sparse
+    CSR kernel for CUDA tensors), ``scipy`` (CPU only) or ``torch`` (any device; on CPU this
+    runs the GPU code path, which is how CI exercises it without a GPU)."""
 
 
 @dataclass
@@ -399,6 +403,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.path is required for data.format = {d.format!r}")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device = {t.device!r}: expected auto, cpu or cuda")
+    if t.sparse_backend not in ("auto", "scipy", "torch"):
+        raise ConfigError(f"train.sparse_backend = {t.sparse_backend!r}: expected auto, scipy or torch")
+    if t.sparse_backend == "scipy" and t.device == "cuda":
+        raise ConfigError("train.sparse_backend = 'scipy' needs CPU tensors but train.device = 'cuda': "
+                          "use 'auto' or 'torch'")
     if any(w < 0 for w in cfg.swing.weights.values()):
         raise ConfigError(f"swing.weights = {cfg.swing.weights}: weights must be >= 0")
 

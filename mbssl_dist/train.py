@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from .config import Config, ConfigError, describe, load_config, validate_against_data
@@ -33,7 +35,15 @@ from .training.checkpoint import ShardedRows, describe_tensors, load_state_tenso
 log = logging.getLogger("mbssl_dist.train")
 
 
-def setup_logging(rank: int) -> None:
+def setup_logging(rank: int | None = None) -> None:
+    """Log lines labelled with the process's real rank: ``rank`` or, before the process group
+    exists, torchrun's ``RANK`` environment variable (0 outside torchrun). Rank 0 logs INFO,
+    the others WARNING and above."""
+    if rank is None:
+        try:
+            rank = int(os.environ.get("RANK", "0"))
+        except ValueError:
+            rank = 0
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
 
@@ -492,12 +502,20 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     return 0
 
 
+# Test hook (tests/test_launch.py): the rank named here raises right after the process group
+# is up, to prove that a failing rank's traceback reaches the console.
+_RAISE_ON_RANK_ENV = "MBSSL_TEST_RAISE_ON_RANK"
+
+
+@record
 def main(argv=None) -> int:
+    """Entry point; ``@record`` (torch elastic) writes an uncaught exception's traceback to
+    the error file torchrun gives each worker, so the launcher can show it for any rank."""
     args = parse_args(argv)
     if args.help_config:
         print(describe())
         return 0
-    setup_logging(0)
+    setup_logging()
     from .config import check_runtime
     from .data.cache import prepared_dir_for
     from .data.errors import DataError
@@ -510,11 +528,15 @@ def main(argv=None) -> int:
         log.error("%s: %s", what, e)
         print(f"{what}: {e}", file=sys.stderr)
         return 2
+    from .model.mbssl import set_sparse_backend
     from .parallel.dist import init_distributed, shutdown
 
+    set_sparse_backend(cfg.train.sparse_backend)
     comm, device = init_distributed(cfg.train.device, cfg.dist.collectives)
     setup_logging(comm.rank)
     try:
+        if os.environ.get(_RAISE_ON_RANK_ENV, "") == str(comm.rank):
+            raise RuntimeError(f"{_RAISE_ON_RANK_ENV}={comm.rank}: test failure on rank {comm.rank}")
         return train(cfg, comm, device, prepare_only=args.prepare_only)
     except (ConfigError, DataError) as e:
         what = "data error" if isinstance(e, DataError) else "config error"

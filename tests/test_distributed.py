@@ -72,6 +72,9 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
         if "_small_mask_blocks" in overrides:  # many dropout-mask blocks on this tiny graph
             M.MASK_BLOCK_ROWS = 16
         cfg = small_config([o for o in overrides if not o.startswith("_")])
+        from mbssl_dist.model.mbssl import set_sparse_backend
+
+        set_sparse_backend(cfg.train.sparse_backend)  # as train.main does
         ds = load_prepared(data_dir)
         part = local_part_from_dataset(ds, assign, rank)
         run = build_model(cfg, ds, part, comm, torch.device("cpu"), fn_table(ds.n_users, 3, 1),
@@ -192,12 +195,15 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_ranks_agree(tiny_data, tmp_path, case):
+def test_ranks_agree(tiny_data, tmp_path, case, backend):
+    """``torch``: the sparse products of the CUDA code path, run on CPU tensors."""
+    overrides = CASES[case] + [f"train.sparse_backend=\"{backend}\""]
     n = load_prepared(tiny_data).n_users
-    ref = run_world(1, tiny_data, balanced(n, 1), CASES[case], tmp_path / "p1")
+    ref = run_world(1, tiny_data, balanced(n, 1), overrides, tmp_path / "p1")
     for P in (2, 3):
-        res = run_world(P, tiny_data, balanced(n, P), CASES[case], tmp_path / f"p{P}")
+        res = run_world(P, tiny_data, balanced(n, P), overrides, tmp_path / f"p{P}")
         assert_same(ref, res, f"{case} P={P}")
         # replicated parameters are bit-identical on every rank
         for r in res[1:]:
@@ -205,7 +211,7 @@ def test_ranks_agree(tiny_data, tmp_path, case):
                 if name not in ("user_embedding", "eval_users"):
                     assert torch.equal(p, res[0]["params"][name]), f"{name} differs between ranks"
     # and training did move the parameters
-    init = run_world(1, tiny_data, balanced(n, 1), CASES[case], tmp_path / "p1_init", steps=0)
+    init = run_world(1, tiny_data, balanced(n, 1), overrides, tmp_path / "p1_init", steps=0)
     moved = max((ref[0]["params"][k] - init[0]["params"][k]).abs().max().item() for k in ref[0]["params"]
                 if not k.startswith("eval_"))
     assert moved > 1e-4

@@ -155,9 +155,6 @@ def test_only_rank_0_writes(runs, transport):
     assert rank_stderr(tmp, transport, 0).count(" INFO mbssl_dist.train: epoch ") >= 2
 
 
-@pytest.mark.xfail(strict=True, reason="train.main logs with setup_logging(0) until the process group is "
-                   "up, so rank 1's 'process group up' line is INFO; fix: setup_logging(int(os.environ.get("
-                   "'RANK', '0'))) before init_distributed (train.py), then drop this marker")
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
 def test_rank_1_logs_nothing_at_info(runs, transport):
     assert runs[transport]["rc"] == 0

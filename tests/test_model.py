@@ -8,10 +8,18 @@ import torch.nn.functional as F
 from mbssl_dist.graph.multigraph import BehaviorGraph
 from mbssl_dist.model import (HMG, MBSSL, NonFiniteLossError, TrainConfig, TrainState, TrainStep, build_batch,
                               make_generator, make_views)
-from mbssl_dist.model.mbssl import spmm
+from mbssl_dist.model.mbssl import sparse_backend, spmm
 
 D = torch.float64
 NU, NI, K = 7, 6, 3
+
+
+@pytest.fixture(autouse=True, params=["scipy", "torch"])
+def backend(request):
+    """Every test here runs with both sparse kernels: scipy (the CPU path) and torch (the
+    CUDA path, run on CPU tensors)."""
+    with sparse_backend(request.param):
+        yield request.param
 
 
 def _graphs(seed=0):
@@ -381,3 +389,24 @@ def test_init_scale_multiplies_embedding_bounds_only():
     assert torch.equal(b.W_gc[0], a.W_gc[0]) and torch.equal(b.relation_embedding, a.relation_embedding)
     with pytest.raises(ValueError, match="init_scale"):
         MBSSL(NU, NI, K, dim=4, n_layers=1, init_scale=0.0)
+
+
+def test_sparse_backend_selects_the_kernel(backend):
+    """The backend in force decides which kernel runs: scipy builds (and caches) its CSR copy,
+    torch never touches scipy (so CPU CI runs the CUDA path's products); 'scipy' on a
+    non-CPU tensor is an error rather than a silent fallback; unknown names are refused."""
+    from mbssl_dist.model.mbssl import set_sparse_backend, sparse_op
+
+    g = torch.Generator().manual_seed(5)
+    dense = torch.rand(6, 4, generator=g, dtype=D) * (torch.rand(6, 4, generator=g, dtype=D) > 0.4)
+    op = sparse_op(dense.to_sparse_csr())
+    x = torch.randn(4, 2, generator=g, dtype=D)
+    assert torch.allclose(op.mm(x), dense @ x)
+    out = torch.empty(4, 2, dtype=D)
+    op.mm_into(torch.randn(6, 2, generator=g, dtype=D), out, transpose=True)
+    assert bool(op._sp) == (backend == "scipy")
+    if backend == "scipy":
+        with pytest.raises(RuntimeError, match="needs CPU tensors"):
+            op.mm(x.to("meta"))
+    with pytest.raises(ValueError):
+        set_sparse_backend("cusparse")

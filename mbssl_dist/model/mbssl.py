@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -116,13 +117,44 @@ try:  # scipy's in-place CSR x dense kernel (Y += A X); private, so guarded
 except Exception:  # pragma: no cover
     _csr_matvecs = None
 
+SPARSE_BACKENDS = ("auto", "scipy", "torch")
+_BACKEND = "auto"
+
+
+def set_sparse_backend(name: str) -> str:
+    """Select the kernel of every sparse adjacency product in this process (config field
+    ``train.sparse_backend``) and return the previous choice. ``auto``: scipy for CPU
+    tensors, torch's sparse kernels otherwise; ``torch``: torch everywhere, so the CUDA code
+    path runs (and is tested) on CPU; ``scipy``: scipy, an error for non-CPU tensors."""
+    global _BACKEND
+    if name not in SPARSE_BACKENDS:
+        raise ValueError(f"sparse backend {name!r}: expected one of {', '.join(SPARSE_BACKENDS)}")
+    prev, _BACKEND = _BACKEND, name
+    return prev
+
+
+def get_sparse_backend() -> str:
+    return _BACKEND
+
+
+@contextmanager
+def sparse_backend(name: str):
+    """``with sparse_backend("torch"): ...`` -- the backend for a block (tests)."""
+    prev = set_sparse_backend(name)
+    try:
+        yield
+    finally:
+        set_sparse_backend(prev)
+
 
 class _SparseOp:
     """A constant sparse matrix with a cached transpose, for ``A @ x`` with autograd w.r.t. x.
 
     torch's CSR backward re-sorts the matrix to transpose it on every call (the dominant cost
-    on CPU); here the transpose is built once per matrix. On CPU the products go through scipy
-    (several times faster than torch's CSR kernel on these shapes); elsewhere through torch.
+    on CPU); here the transpose is built once per matrix. Which kernel runs is
+    :func:`set_sparse_backend`'s choice: scipy for CPU CSR matrices under ``auto`` (several
+    times faster than torch's CSR kernel on these shapes), torch's sparse products otherwise
+    (the only option on CUDA).
     """
 
     def __init__(self, a: torch.Tensor) -> None:
@@ -130,6 +162,15 @@ class _SparseOp:
         self.shape = tuple(a.shape)
         self._sp: dict = {}
         self._t: torch.Tensor | None = None
+
+    def _use_scipy(self, x: torch.Tensor) -> bool:
+        if _BACKEND == "torch":
+            return False
+        cpu = x.device.type == "cpu" and self.a.device.type == "cpu"
+        if _BACKEND == "scipy" and not cpu:
+            raise RuntimeError(f"sparse backend 'scipy' needs CPU tensors, got {x.device}: "
+                               "set train.sparse_backend to 'auto' or 'torch'")
+        return cpu and self.a.layout == torch.sparse_csr
 
     def _scipy(self, dtype) -> tuple:
         key = dtype
@@ -145,31 +186,32 @@ class _SparseOp:
         return self._sp[key]
 
     def mm_into(self, x: torch.Tensor, out: torch.Tensor, transpose: bool = False, accumulate: bool = False) -> None:
-        """``out (+)= A @ x`` (or Aᵀ) written in place into a contiguous ``out``: on CPU through
-        scipy's ``csr_matvecs`` kernel directly (it accumulates into its output), so there is no
-        fresh result array (page faults on every call for large outputs) and no copy."""
-        if (x.device.type == "cpu" and self.a.layout == torch.sparse_csr and out.is_contiguous()
+        """``out (+)= A @ x`` (or Aᵀ) written in place into a contiguous ``out``: with scipy
+        through its ``csr_matvecs`` kernel directly (it accumulates into its output), so there
+        is no fresh result array (page faults on every call for large outputs) and no copy.
+        Shapes are checked on every backend (the raw scipy kernel does no bounds checks)."""
+        rows, cols = (self.shape[1], self.shape[0]) if transpose else self.shape
+        n_vecs = x.shape[1] if x.ndim == 2 else 1
+        if x.shape[0] != cols or out.shape[0] != rows or out.numel() != rows * n_vecs:
+            raise ValueError(f"mm_into: {(rows, cols)} @ {tuple(x.shape)} -> {tuple(out.shape)}")
+        if (self._use_scipy(x) and out.is_contiguous() and out.device.type == "cpu"
                 and out.dtype == x.dtype and _csr_matvecs is not None):
             m, mt = self._scipy(x.dtype)
             a = mt if transpose else m
             xn = x.detach().contiguous().numpy()
-            n_vecs = xn.shape[1] if xn.ndim == 2 else 1
-            if xn.shape[0] != a.shape[1] or out.shape[0] != a.shape[0] or out.numel() != a.shape[0] * n_vecs:
-                # the raw kernel does no bounds checks
-                raise ValueError(f"mm_into: {tuple(a.shape)} @ {tuple(x.shape)} -> {tuple(out.shape)}")
             if not accumulate:
                 out.zero_()
             _csr_matvecs(a.shape[0], a.shape[1], n_vecs, a.indptr, a.indices, a.data, xn.ravel(),
                          out.detach().numpy().reshape(-1))
             return
-        r = self.mm(x, transpose)
+        r = self.mm(x, transpose).view(out.shape)
         if accumulate:
             out.add_(r)
         else:
             out.copy_(r)
 
     def mm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        if x.device.type == "cpu" and self.a.layout == torch.sparse_csr:
+        if self._use_scipy(x):
             m, mt = self._scipy(x.dtype)
             xn = x.detach().contiguous().numpy()
             return torch.from_numpy(np.asarray((mt if transpose else m) @ xn))
