@@ -1,0 +1,184 @@
+"""Experiment grids (mbssl_dist.experiments) and their report (mbssl_dist.report), on tiny
+synthetic data through the real trainer in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mbssl_dist import experiments as E
+from mbssl_dist import report as R
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.synthetic_users=120", "data.synthetic_items=80", "data.synthetic_clusters=4", "model.dim=8",
+        "model.n_layers=1", "train.batch_size=64", "train.lr=0.05", "train.threads=1", "swing.topn=10",
+        "swing.workers=1", "loss.fn_users=3", "loss.fn_items=3", "run.progress=false", "train.patience=0",
+        "train.eval_batch_size=256"]
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def base_sets(tmp: Path, mlflow: bool) -> list[str]:
+    return TINY + [f'data.cache_dir="{tmp / "cache"}"', f"run.mlflow={'true' if mlflow else 'false'}",
+                   f'run.tracking_uri="sqlite:///{tmp / "mlflow.db"}"', 'run.experiment="exp-test"']
+
+
+def starts(log: Path) -> int:
+    """How many times the experiment runner started this run (one header line per start)."""
+    return log.read_text().count("\n=== ") if log.is_file() else 0
+
+
+def finals(d: Path) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for f in sorted(d.glob("*/seed*/final.json")):
+        out.setdefault(f.parent.parent.name, []).append(json.loads(f.read_text()))
+    return out
+
+
+def test_grid_runs_resumes_a_killed_point_and_reports_its_finals(env):
+    tmp = env
+    exp = E.Experiment("grid", None, base_sets(tmp, mlflow=True), seeds=2, processes=1, out=tmp / "exps", epochs=2)
+    points = [E.Point("a"), E.Point("b", ["loss.use_intra=false"])]
+    assert E.run_grid(exp, points) == 0
+    d = tmp / "exps" / "grid"
+    runs = {(p, s): d / p / f"seed{s}" for p in "ab" for s in (0, 1)}
+    for r in runs.values():
+        assert json.loads((r / "final.json").read_text())["status"] == "FINISHED"
+    # seeds differ, so the two seeds of a point are two different runs
+    fa = finals(d)["a"]
+    assert fa[0]["test"] != fa[1]["test"]
+    logs = {k: d / "logs" / f"{k[0]}_seed{k[1]}.log" for k in runs}
+    assert all(starts(lg) == 1 for lg in logs.values())
+
+    # MLflow: one parent, four children nested under it, tagged with their point
+    meta = json.loads((d / "experiment.json").read_text())
+    parent = meta["mlflow_parent_run_id"]
+    con = sqlite3.connect(tmp / "mlflow.db")
+    kids = con.execute("select run_uuid from tags where key='mlflow.parentRunId' and value=?", (parent,)).fetchall()
+    assert len(kids) == 4
+    pts = sorted(v for (v,) in con.execute(
+        "select value from tags where key='mbssl.point' and run_uuid in (select run_uuid from tags where "
+        "key='mlflow.parentRunId' and value=?)", (parent,)))
+    assert pts == ["a", "a", "b", "b"]
+    con.close()
+
+    # make (b, seed1) look killed after its first epoch: no final.json, only the epoch-1 checkpoint
+    killed = runs[("b", 1)]
+    (killed / "final.json").unlink()
+    ck = sorted((killed / "checkpoints").glob("step-*"))
+    assert len(ck) == 2
+    shutil.rmtree(ck[-1])
+    mtimes = {k: (r / "final.json").stat().st_mtime_ns for k, r in runs.items() if k != ("b", 1)}
+    assert E.run_grid(exp, points) == 0
+    for k, r in runs.items():
+        assert json.loads((r / "final.json").read_text())["status"] == "FINISHED"
+        if k != ("b", 1):
+            assert (r / "final.json").stat().st_mtime_ns == mtimes[k], k
+            assert starts(logs[k]) == 1, k
+    assert starts(logs[("b", 1)]) == 2
+    assert "resuming from" in logs[("b", 1)].read_text()
+    assert json.loads((killed / "final.json").read_text())["epochs_run"] == 2
+
+    # the report's table equals mean/std of the final.json test metrics, computed here
+    rep = R.write_report([str(d)], tmp / "report")
+    md = rep.read_text()
+    summary = json.loads((tmp / "report" / "summary.json").read_text())
+    for point, fs in finals(d).items():
+        row = next(line for line in md.splitlines() if line.startswith(f"| {point} |"))
+        cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+        header = next(line for line in md.splitlines() if line.startswith("| point |"))
+        cols = [c.strip() for c in header.strip("|").split("|")]
+        for m in ("recall@10", "ndcg@10", "recall@50", "ndcg@50"):
+            xs = [f["test"][m] for f in fs]
+            mu, sd = statistics.mean(xs), statistics.stdev(xs)
+            assert summary["test"][point][m][:2] == pytest.approx([mu, sd], rel=1e-12, abs=1e-15)
+            assert cells[cols.index(m)] == f"{mu:.4f} ± {sd:.4f}"
+    # the best mean of each column is bold, and only that one
+    for m in ("recall@10", "ndcg@50"):
+        means = {p: statistics.mean(f["test"][m] for f in fs) for p, fs in finals(d).items()}
+        best = max(means, key=means.get)
+        col = cols.index(m)
+        for p in means:
+            row = next(line for line in md.splitlines() if line.startswith(f"| {p} |"))
+            assert row.strip("|").split("|")[col].strip().startswith("**") == (p == best)
+    for png in ("valid_curves.png", "loss_curves.png"):
+        assert (tmp / "report" / png).stat().st_size > 1000
+    assert "hmg_norm_ratio.png" in md  # the HMG statistics of metrics.jsonl
+    arts = list((tmp / "mlartifacts").rglob("report/report.md"))
+    assert len(arts) == 1  # logged to the parent run
+
+
+def test_changed_grid_under_same_out_is_refused(env):
+    tmp = env
+    sets = base_sets(tmp, mlflow=False)
+    exp = E.Experiment("g", None, sets, seeds=1, processes=1, out=tmp / "exps", epochs=1)
+    assert E.run_grid(exp, [E.Point("a")]) == 0
+    exp2 = E.Experiment("g", None, sets + ["model.dim=4"], seeds=1, processes=1, out=tmp / "exps", epochs=1)
+    with pytest.raises(E.ConfigError, match="model.dim"):
+        E.run_grid(exp2, [E.Point("a")])
+
+
+def test_grids_name_real_config_fields():
+    """Every override of every named grid is a valid config (fields and values exist)."""
+    from mbssl_dist.config import load_config
+
+    for name in ("ablation", "hmg", "relax-sweep", "fn-sweep", "compare"):
+        for p in E.grid(name):
+            load_config(None, p.overrides)
+    assert [p.value for p in E.grid("relax-sweep")] == pytest.approx([i / 10 for i in range(11)])
+    assert {p.overrides[0] for p in E.grid("hmg")} == {f'hmg.strategy="{s}"' for s in ("hmg", "A", "B", "C", "none")}
+
+
+def test_cli_bad_input_is_one_line_exit_2(env, tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text('[space]\n"train.nope" = {low = 1, high = 2}\n')
+    cmd = [sys.executable, "-m", "mbssl_dist.experiments", "search", "--data", "synthetic", "--space", str(space),
+           "--out", str(tmp_path / "x")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "train.nope" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "mbssl_dist.experiments", "ablation", "--data", str(tmp_path / "no.toml")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no.toml" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_optuna_search_resumes_from_its_sqlite_study(env):
+    import optuna
+
+    tmp = env
+    space = tmp / "space.toml"
+    space.write_text('[space]\n"train.lr" = {low = 1e-3, high = 1e-1, log = true}\n"model.dim" = {choices = [4, 8]}\n')
+    exp = E.Experiment("search", None, base_sets(tmp, mlflow=False), seeds=1, processes=1, out=tmp / "exps", epochs=2)
+    assert E.run_search(exp, str(space), 2) == 0
+    d = tmp / "exps" / "search"
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{d / 'study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    first = {t.number: t.value for t in study.trials}
+    assert E.run_search(exp, str(space), 3) == 0
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{d / 'study.db'}")
+    assert len(study.trials) == 3
+    assert {t.number: t.value for t in study.trials[:2]} == first
+    assert [starts(d / "logs" / f"trial{i:04d}.log") for i in range(3)] == [1, 1, 1]
+    # each trial's value is its run's validation metric, and per-epoch values were reported
+    for t in study.trials:
+        f = json.loads((d / f"trial{t.number:04d}" / "seed0" / "final.json").read_text()) \
+            if t.state == optuna.trial.TrialState.COMPLETE else None
+        if f:
+            assert t.value == f["valid"]["recall@10"]
+            assert set(t.intermediate_values) == {0, 1}
+            cfg = (d / f"trial{t.number:04d}" / "seed0" / "config.toml").read_text()
+            assert re.search(rf"^lr = {re.escape(repr(t.params['train.lr']))}$", cfg, re.M)
