@@ -7,6 +7,8 @@ The paper's experiments as one command each. NAME is one of
 * ``fn-sweep``: false-negative count N for users and items (Fig 4);
 * ``relax-sweep``: HMG relax factor r in 0, 0.1, ..., 1 (Fig 5);
 * ``compare``: the MBSSL config against the in-harness baselines (Table 2 shape);
+* ``sparsity``: test metrics per user group by number of training purchases (Fig 3), from one
+  trained model per seed (rebuilt from the run's last checkpoint; ``sparsity.json`` per run);
 * ``search``: an Optuna TPE search over a TOML search space (``--space FILE``), pruned on the
   validation metric per epoch, stored in SQLite (``OUT/search/study.db``) so it resumes.
 
@@ -36,12 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from .config import Config, ConfigError, apply_overrides, from_dict, load_config
 from .utils.io import atomic_write_json
 
 log = logging.getLogger("mbssl_dist.experiments")
 
-EXPERIMENTS = ("ablation", "hmg", "fn-sweep", "relax-sweep", "compare", "search")
+EXPERIMENTS = ("ablation", "hmg", "fn-sweep", "relax-sweep", "compare", "sparsity", "search")
 
 
 @dataclass
@@ -69,6 +73,8 @@ def grid(name: str) -> list[Point]:
         # the paper's Fig 4 varies N over a handful of values; N = 0 is "no false-negative removal"
         return [Point(f"N{n}", [f"loss.fn_users={n}", f"loss.fn_items={n}"], float(n))
                 for n in (0, 5, 10, 20, 50)]
+    if name == "sparsity":
+        return [Point("mbssl")]
     if name == "compare":
         from .baselines import BASELINES
 
@@ -321,6 +327,99 @@ def run_baseline(exp: Experiment, p: Point, seed_index: int, base: Config, run_d
     return True
 
 
+# ----------------------------------------------------------------------------- sparsity (Fig 3)
+
+
+def target_counts(ds) -> np.ndarray:
+    """Training target-behavior (purchase) interactions per user (int64 [n_users])."""
+    users, _ = ds.pairs(ds.n_behaviors - 1)
+    return np.bincount(np.asarray(users, dtype=np.int64), minlength=ds.n_users)
+
+
+def sparsity_groups(counts: np.ndarray, users: np.ndarray, n_groups: int = 5) -> list[tuple[int, int]]:
+    """Inclusive purchase-count ranges [lo, hi] splitting ``users`` into ``n_groups`` groups of
+    (as nearly as ties allow) equal size, sparsest first. The paper (Sec 4.4.1) splits the test
+    users into five groups by their number of target interactions; its bin edges are only
+    drawn in Fig 3, so equal-size quantile groups are used here. Ties can merge groups (fewer
+    than ``n_groups`` are then returned)."""
+    c = np.sort(counts[users])
+    if len(c) == 0:
+        return []
+    cuts = sorted({int(c[min(len(c) - 1, (i * len(c)) // n_groups)]) for i in range(1, n_groups)})
+    bounds, lo = [], int(c[0])
+    for cut in cuts:
+        if cut > lo:
+            bounds.append((lo, cut - 1))
+            lo = cut
+    bounds.append((lo, int(c[-1])))
+    return bounds
+
+
+def load_trained(run_dir: Path):
+    """(cfg, ds, model run, LocalComm) of ``run_dir`` rebuilt in this process (1 rank, CPU) from
+    its newest complete checkpoint, i.e. the state after the last trained epoch."""
+    import torch
+
+    from .data import load_prepared
+    from .data.cache import prepared_dir_for
+    from .parallel.comm import LocalComm
+    from .parallel.layout import shard_users
+    from .train import build_model
+    from .training import CheckpointManager
+    from .training.checkpoint import ShardedRows, load_state_tensors
+
+    cfg = load_config(run_dir / "config.toml")
+    comm = LocalComm()
+    ds = load_prepared(prepared_dir_for(cfg.data))
+    part = shard_users(ds, comm, "range", "", cfg.train.seed)
+    run = build_model(cfg, ds, part, comm, torch.device("cpu"))
+    ckpts = CheckpointManager(run_dir / "checkpoints", comm, cfg.checkpoint.keep)
+    found = ckpts.latest_usable()
+    if found is None:
+        raise ConfigError(f"{run_dir / 'checkpoints'}: no complete checkpoint to rebuild the model from")
+    path, doc = found
+    load_state_tensors(ckpts, path, doc["tensors"], run.model, run.step, ShardedRows(part.users, ds.n_users, comm))
+    return cfg, ds, run, comm, dict(doc, path=str(path))
+
+
+def sparsity_metrics(run_dir: Path, n_groups: int = 5) -> dict:
+    """Test metrics per purchase-count group (and over all test users) of the model in
+    ``run_dir``'s last checkpoint, with the project's evaluator; written to sparsity.json."""
+    import torch
+
+    from .evaluate import eval_masks, evaluate, heldout_sets
+
+    cfg, ds, run, comm, doc = load_trained(run_dir)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    masks, held = eval_masks(ds), heldout_sets(ds)
+    test_users = np.flatnonzero(np.diff(held["test"].indptr) > 0)
+    counts = target_counts(ds)
+    groups = sparsity_groups(counts, test_users, n_groups)
+    g2l = torch.from_numpy(run.part.global_to_local)
+    model = run.model
+    model.eval()
+    with torch.no_grad():
+        prop = model(run.adjs, comm, None, keep_layers=False)
+
+        def score(users: torch.Tensor) -> torch.Tensor:
+            return model.score(prop, g2l[users.cpu()], user_items=run.user_items).cpu()
+
+        def ev(users: np.ndarray) -> dict:
+            return evaluate(score, users, held["test"], masks["test"], ks=cfg.train.ks,
+                            batch_size=cfg.train.eval_batch_size)
+
+        out = {"checkpoint": doc["path"], "checkpoint_epoch": int(doc["epoch"]),
+               "grouping": "equal-size quantile groups of test users by training purchase count",
+               "all": ev(test_users), "groups": []}
+        for lo, hi in groups:
+            members = test_users[(counts[test_users] >= lo) & (counts[test_users] <= hi)]
+            out["groups"].append({"label": f"{lo}-{hi}" if lo != hi else f"{lo}", "lo": lo, "hi": hi,
+                                  "n_users": int(len(members)), "test": ev(members)})
+    atomic_write_json(run_dir / "sparsity.json", out)
+    return out
+
+
 # ----------------------------------------------------------------------------- Optuna search
 
 
@@ -394,10 +493,8 @@ def run_search(exp: Experiment, space_path: str, n_trials: int, poll: float = 0.
     study = optuna.create_study(study_name="search", storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=base.train.seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
-    # trials of an earlier invocation killed without recording it
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        log.warning("trial %d of an earlier invocation never finished: marked FAIL", t.number)
+    # a trial whose invocation was killed stays RUNNING until its heartbeat is older than the
+    # grace period; Optuna then marks it FAIL (fail_stale_trials, called by optimize)
     meta_path = exp.dir / "experiment.json"
     prev = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     parent = parent_run(base, exp.name, prev.get("mlflow_parent_run_id"),
@@ -501,6 +598,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed = run_search(exp, a.space, a.trials)
         else:
             failed = run_grid(exp, grid(a.name))
+            if a.name == "sparsity":
+                for s in range(exp.seeds):
+                    run_dir = exp.dir / "mbssl" / f"seed{s}"
+                    if run_status(run_dir) == "FINISHED":
+                        res = sparsity_metrics(run_dir)
+                        log.info("%s: %s", run_dir, ", ".join(f"{g['label']}: n={g['n_users']} ndcg@50="
+                                                            f"{g['test'].get('ndcg@50', float('nan')):.4f}"
+                                                            for g in res["groups"]))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

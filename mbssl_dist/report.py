@@ -265,6 +265,50 @@ def curve_figures(runs: list[Run], metric: str, out: Path) -> list[Path]:
     return paths
 
 
+def sparsity_section(runs: list[Run], out: Path) -> tuple[list[str], Path | None]:
+    """Table and figure (bars: test users per group; line: mean NDCG@50, std error bars) from
+    the runs' sparsity.json (written by ``experiments sparsity``)."""
+    docs = []
+    for r in runs:
+        try:
+            docs.append(json.loads((r.dir / "sparsity.json").read_text()))
+        except (OSError, ValueError):
+            pass
+    if not docs:
+        return [], None
+    labels = [g["label"] for g in docs[0]["groups"]]
+    same = [d for d in docs if [g["label"] for g in d["groups"]] == labels]
+    metrics = [m for m in METRIC_ORDER if m in docs[0]["groups"][0]["test"]] if labels else []
+    lines = ["## Per user group by training purchases (sparsity)", "",
+             f"{docs[0]['grouping']}; model of each run's last checkpoint; {len(same)} run(s).", "",
+             "| purchases | test users | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    stats = []
+    for j, lab in enumerate(labels):
+        cells = []
+        for m in metrics:
+            xs = [d["groups"][j]["test"][m] for d in same if isinstance(d["groups"][j]["test"].get(m), (int, float))]
+            mu, sd = mean_std(xs) if xs else (float("nan"), None)
+            cells.append(f"{mu:.4f}" + (f" ± {sd:.4f}" if sd is not None else ""))
+            if m == "ndcg@50" or (m == metrics[-1] and "ndcg@50" not in metrics):
+                stats.append((mu, sd or 0.0))
+        lines.append(f"| {lab} | {same[0]['groups'][j]['n_users']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if not labels:
+        return lines, None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(range(len(labels)), [same[0]["groups"][j]["n_users"] for j in range(len(labels))], color="#bbb")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("training purchases"), ax.set_ylabel("test users")
+    ax2 = ax.twinx()
+    ax2.errorbar(range(len(labels)), [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", color="C3",
+                 capsize=3)
+    ax2.set_ylabel("ndcg@50" if "ndcg@50" in metrics else metrics[-1])
+    ax.set_title("test metric per sparsity group")
+    fig.tight_layout()
+    return lines, _save(fig, out / "sparsity.png")
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -290,7 +334,9 @@ def write_report(paths: Sequence[str], out: Path) -> Path:
     exc = excluded(runs)
     if exc:
         md += ["Excluded (not FINISHED): " + ", ".join(exc), ""]
-    figs = []
+    sp_lines, sp_fig = sparsity_section(runs, out)
+    md += sp_lines
+    figs = [sp_fig] if sp_fig else []
     if meta:
         f = sweep_figure(meta, cols, test, out)
         figs += [f] if f else []

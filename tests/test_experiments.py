@@ -182,3 +182,80 @@ def test_optuna_search_resumes_from_its_sqlite_study(env):
             assert set(t.intermediate_values) == {0, 1}
             cfg = (d / f"trial{t.number:04d}" / "seed0" / "config.toml").read_text()
             assert re.search(rf"^lr = {re.escape(repr(t.params['train.lr']))}$", cfg, re.M)
+
+
+def test_sparsity_groups_equal_brute_force():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        counts = rng.integers(0, rng.integers(1, 30), size=rng.integers(1, 60))
+        users = np.flatnonzero(rng.random(len(counts)) < 0.7)
+        groups = E.sparsity_groups(counts, users, 5)
+        if len(users) == 0:
+            assert groups == []
+            continue
+        # brute force: every test user in exactly one range; ranges ordered, contiguous, cover min..max
+        for u in users:
+            assert sum(lo <= counts[u] <= hi for lo, hi in groups) == 1
+        assert groups[0][0] == counts[users].min() and groups[-1][1] == counts[users].max()
+        assert all(a[1] + 1 == b[0] for a, b in zip(groups, groups[1:]))
+        assert 1 <= len(groups) <= 5
+        # with distinct counts and n divisible by 5 the groups have equal size
+    counts = np.arange(100)
+    groups = E.sparsity_groups(counts, np.arange(100), 5)
+    assert groups == [(0, 19), (20, 39), (40, 59), (60, 79), (80, 99)]
+
+
+def test_sparsity_metrics_from_the_last_checkpoint(env):
+    """Per-group metrics of the rebuilt model: all-users equals the trainer's last test record
+    (the rebuild is the trained model), each group equals the mean of its users evaluated one by
+    one, and the groups are the brute-force purchase-count groups."""
+    import numpy as np
+
+    from mbssl_dist.data import load_prepared
+    from mbssl_dist.data.cache import prepared_dir_for
+    from mbssl_dist.config import load_config
+
+    tmp = env
+    exp = E.Experiment("sparsity", None, base_sets(tmp, mlflow=False), seeds=1, processes=1, out=tmp / "exps",
+                       epochs=2)
+    assert E.run_grid(exp, E.grid("sparsity")) == 0
+    run_dir = tmp / "exps" / "sparsity" / "mbssl" / "seed0"
+    res = E.sparsity_metrics(run_dir)
+    last_test = [r for r in R.read_records(run_dir) if r["kind"] == "test"][-1]
+    assert res["checkpoint_epoch"] == 2
+    for k, v in res["all"].items():
+        assert v == pytest.approx(last_test[k], rel=1e-9), k
+    cfg = load_config(run_dir / "config.toml")
+    ds = load_prepared(prepared_dir_for(cfg.data))
+    u_t, _ = ds.pairs(ds.n_behaviors - 1)
+    counts = {}
+    for u in u_t.tolist():
+        counts[u] = counts.get(u, 0) + 1
+    held = __import__("mbssl_dist.evaluate", fromlist=["heldout_sets"]).heldout_sets(ds)["test"]
+    test_users = [u for u in range(ds.n_users) if held.indptr[u + 1] > held.indptr[u]]
+    assert sum(g["n_users"] for g in res["groups"]) == len(test_users)
+    # per-user oracle for one group: the group metric is the mean of single-user metrics
+    from mbssl_dist.evaluate import eval_masks, evaluate
+
+    _, _, run, comm, _ = E.load_trained(run_dir)
+    import torch
+
+    run.model.eval()
+    with torch.no_grad():
+        prop = run.model(run.adjs, comm, None, keep_layers=False)
+    g2l = torch.from_numpy(run.part.global_to_local)
+
+    def score(users):
+        with torch.no_grad():
+            return run.model.score(prop, g2l[users]).cpu()
+
+    mask = eval_masks(ds)["test"]
+    for g in res["groups"]:
+        members = [u for u in test_users if g["lo"] <= counts.get(u, 0) <= g["hi"]]
+        assert len(members) == g["n_users"]
+        per_user = [evaluate(score, np.array([u]), held, mask, ks=cfg.train.ks)["ndcg@50"] for u in members]
+        assert g["test"]["ndcg@50"] == pytest.approx(float(np.mean(per_user)), rel=1e-9)
+    rep = R.write_report([str(tmp / "exps" / "sparsity")], tmp / "rep")
+    assert "## Per user group" in rep.read_text() and (tmp / "rep" / "sparsity.png").is_file()
