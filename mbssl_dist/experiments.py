@@ -299,8 +299,9 @@ def run_baseline(exp: Experiment, p: Point, seed_index: int, base: Config, run_d
     ds = load_prepared(prepared_dir_for(cfg.data))
     seed = cfg.train.seed + seed_index
     log.info("%s/seed%d: baseline", p.name, seed_index)
-    res = run_baselines(ds, [p.name], ks=cfg.train.ks, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
-                        lr=cfg.train.lr, dim=cfg.model.dim, n_layers=cfg.model.n_layers, seed=seed,
+    # LightGCN keeps its own recipe (BPR pair batches, lr, 3 layers: baselines.py); it shares the
+    # epochs, embedding size, seed, cut-offs and early-stopping patience of the MBSSL runs
+    res = run_baselines(ds, [p.name], ks=cfg.train.ks, epochs=cfg.train.epochs, dim=cfg.model.dim, seed=seed,
                         eval_every=cfg.train.eval_every, patience=cfg.train.patience,
                         eval_batch_size=cfg.train.eval_batch_size)[p.name]
     final = {"status": "FINISHED", "baseline": p.name, "seed": seed,

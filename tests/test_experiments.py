@@ -173,8 +173,12 @@ def test_optuna_search_resumes_from_its_sqlite_study(env):
     assert len(study.trials) == 3
     assert {t.number: t.value for t in study.trials[:2]} == first
     assert [starts(d / "logs" / f"trial{i:04d}.log") for i in range(3)] == [1, 1, 1]
-    # each trial's value is its run's validation metric, and per-epoch values were reported
+    # each trial's value is its run's validation metric, and per-epoch values were reported;
+    # a pruned trial's training was stopped (SIGTERM: recorded KILLED by the trainer)
     for t in study.trials:
+        if t.state == optuna.trial.TrialState.PRUNED:
+            f = json.loads((d / f"trial{t.number:04d}" / "seed0" / "final.json").read_text())
+            assert f["status"] == "KILLED" and len(t.intermediate_values) >= 1
         f = json.loads((d / f"trial{t.number:04d}" / "seed0" / "final.json").read_text()) \
             if t.state == optuna.trial.TrialState.COMPLETE else None
         if f:
@@ -259,3 +263,31 @@ def test_sparsity_metrics_from_the_last_checkpoint(env):
         assert g["test"]["ndcg@50"] == pytest.approx(float(np.mean(per_user)), rel=1e-9)
     rep = R.write_report([str(tmp / "exps" / "sparsity")], tmp / "rep")
     assert "## Per user group" in rep.read_text() and (tmp / "rep" / "sparsity.png").is_file()
+
+
+def test_compare_baseline_points_are_recorded_like_runs(env):
+    """A baseline grid point (no subprocess) writes final.json with the evaluator's metrics,
+    an MLflow child run under the parent, and is skipped when rerun."""
+    from mbssl_dist.baselines import run_baselines
+    from mbssl_dist.config import load_config
+    from mbssl_dist.data import load_prepared
+    from mbssl_dist.data.cache import prepared_dir_for
+
+    tmp = env
+    exp = E.Experiment("compare", None, base_sets(tmp, mlflow=True), seeds=1, processes=1, out=tmp / "exps")
+    pts = [p for p in E.grid("compare") if p.name in ("popularity", "aux_popularity")]
+    assert E.run_grid(exp, pts) == 0
+    d = tmp / "exps" / "compare"
+    ds = load_prepared(prepared_dir_for(load_config(None, base_sets(tmp, True)).data))
+    direct = run_baselines(ds, ["popularity", "aux_popularity"], ks=[10, 50])
+    for name in ("popularity", "aux_popularity"):
+        f = json.loads((d / name / "seed0" / "final.json").read_text())
+        assert f["status"] == "FINISHED"
+        assert f["test"] == {k: v for k, v in direct[name]["test"].items() if k != "n_users"}
+    mtime = (d / "popularity" / "seed0" / "final.json").stat().st_mtime_ns
+    assert E.run_grid(exp, pts) == 0
+    assert (d / "popularity" / "seed0" / "final.json").stat().st_mtime_ns == mtime
+    parent = json.loads((d / "experiment.json").read_text())["mlflow_parent_run_id"]
+    con = sqlite3.connect(tmp / "mlflow.db")
+    n = con.execute("select count(*) from tags where key='mlflow.parentRunId' and value=?", (parent,)).fetchone()[0]
+    assert n == 2
