@@ -231,14 +231,20 @@ def curve_figures(runs: list[Run], metric: str, out: Path) -> list[Path]:
             by_point.setdefault(r.point, []).append(r)
     if not by_point:
         return []
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    color = {p: f"C{i % 10}" for i, p in enumerate(by_point)}  # one colour per variant in every panel
+    handles = [Line2D([], [], color=color[p], label=p) for p in by_point]
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for point, rs in by_point.items():
         es, vs = _mean_curve(rs, "valid", metric)
         if es:
-            ax.plot([e + 1 for e in es], vs, marker="o", label=point)
+            ax.plot([e + 1 for e in es], vs, marker="o", color=color[point], label=point)
     ax.set_xlabel("epoch"), ax.set_ylabel(f"validation {metric}"), ax.set_title("validation per variant")
-    ax.legend(fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(handles=handles, fontsize=7)
     fig.tight_layout()
     paths.append(_save(fig, out / "valid_curves.png"))
     keys = sorted({k for rs in by_point.values() for r in rs for rec in r.records if rec.get("kind") == "epoch"
@@ -250,17 +256,22 @@ def curve_figures(runs: list[Run], metric: str, out: Path) -> list[Path]:
                                                                    "aux/target gradient norm")):
         if not ks:
             continue
-        fig, axes = plt.subplots(1, len(ks), figsize=(4 * len(ks), 3.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(ks), figsize=(4 * len(ks), 3.8), squeeze=False)
         for ax, k in zip(axes[0], ks):
             for point, rs in by_point.items():
                 es, vs = _mean_curve(rs, "epoch", k)
                 if es:
-                    ax.plot([e + 1 for e in es], vs, label=point)
-            if any(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+                    ax.plot([e + 1 for e in es], vs, color=color[point], label=point)
+            ys = [v for line in ax.get_lines() for v in line.get_ydata()]
+            if ys and min(ys) > 0:
                 ax.set_yscale("log")
-            ax.set_title(k), ax.set_xlabel("epoch"), ax.set_ylabel(ylabel)
-        axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
+                ax.set_title(k)
+            else:  # e.g. the non-sampling loss is negative: log scale impossible
+                ax.set_title(f"{k} (linear: values <= 0)")
+            ax.set_xlabel("epoch"), ax.set_ylabel(ylabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7)
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
         paths.append(_save(fig, out / name))
     return paths
 

@@ -291,3 +291,12 @@ def test_compare_baseline_points_are_recorded_like_runs(env):
     con = sqlite3.connect(tmp / "mlflow.db")
     n = con.execute("select count(*) from tags where key='mlflow.parentRunId' and value=?", (parent,)).fetchone()[0]
     assert n == 2
+
+
+def test_processes_runs_each_point_under_torchrun(env):
+    tmp = env
+    exp = E.Experiment("tr", None, base_sets(tmp, mlflow=False) + ['dist.collectives="gloo"'], seeds=1, processes=2,
+                       out=tmp / "exps", epochs=1)
+    assert E.run_grid(exp, [E.Point("a")]) == 0
+    f = json.loads((tmp / "exps" / "tr" / "a" / "seed0" / "final.json").read_text())
+    assert f["status"] == "FINISHED" and f["world_size"] == 2
