@@ -21,7 +21,9 @@ Every baseline is a *scorer*: ``scorer(users: LongTensor[B]) -> FloatTensor[B, n
   "lightgcn" (target behavior graph only) and "lightgcn_all" (union of all behaviors' pairs,
   de-duplicated, as one graph; positives for BPR are the union's pairs).
 
-Runner: ``python -m mbssl_dist.baselines --data PREPARED_DIR --out results.json``.
+Runner: ``python -m mbssl_dist.baselines --data PREPARED_DIR --out results.json`` (each baseline
+is also an MLflow run named after it, in ``--experiment``, with the trainer's metric names;
+``--no-mlflow`` skips it).
 """
 
 from __future__ import annotations
@@ -326,7 +328,7 @@ def run_baselines(ds, which: Sequence[str] = BASELINES, ks: Sequence[int] = (10,
             scorer = res.scorer()
             best = res.best_metric if res.best_metric == res.best_metric else None  # NaN -> null
             rec.update({"best_epoch": res.best_epoch, "best_valid_recall@10": best,
-                        "epochs_run": len(res.history), "train_edges": res.graph.nnz,
+                        "epochs_run": len(res.history), "train_edges": res.graph.nnz, "history": res.history,
                         "train_seconds": round(res.seconds, 2),
                         "config": {"epochs": epochs, "batch_size": bs, "lr": lr, "reg": reg, "dim": dim,
                                    "n_layers": n_layers, "seed": seed, "eval_every": eval_every,
@@ -339,6 +341,63 @@ def run_baselines(ds, which: Sequence[str] = BASELINES, ks: Sequence[int] = (10,
         rec["seconds"] = round(time.time() - t0, 2)
         out[name] = rec
     return out
+
+
+def _mlflow_setup(tracking_uri: str, experiment: str):
+    """MLflow with the trainer's defaults (tracking.RunLogger): ``tracking_uri``, else
+    $MLFLOW_TRACKING_URI, else ``sqlite:///mlflow.db`` in the working directory, artifacts beside
+    the database; the experiment is created when missing."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+    from pathlib import Path
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        art = None
+        if uri.startswith("sqlite:///"):
+            art = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        mlflow.create_experiment(experiment, artifact_location=art)
+    mlflow.set_experiment(experiment)
+    return mlflow
+
+
+def log_baselines_to_mlflow(results: dict, ds, data: str, ks: Sequence[int], tracking_uri: str = "",
+                            experiment: str = "mbssl", results_file: str | None = None) -> dict[str, str]:
+    """One MLflow run per baseline in ``experiment`` (run name = the baseline's name), with the
+    trainer's metric names so they line up with MBSSL runs in the UI: ``valid/recall_10``,
+    ``test/recall_10`` ... and ``final/test/recall_10`` ... (the test metrics at the selected
+    epoch, as in the trainer's final.json); LightGCN's validation curve as ``valid/recall_10``
+    per epoch. Bookkeeping (dataset path, checksum, kind) goes to tags. Returns name -> run id."""
+    from .tracking import git_commit, mlflow_name
+
+    mlflow = _mlflow_setup(tracking_uri, experiment)
+    ids = {}
+    for name, rec in results.items():
+        with mlflow.start_run(run_name=name) as run:
+            params = {"baseline": name, "ks": ",".join(str(k) for k in ks)}
+            params.update({f"baseline.{k}": v for k, v in (rec.get("config") or {}).items()})
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+            mlflow.set_tags({"kind": "baseline", "dataset": str(data), "dataset_sha256": ds.checksum(),
+                             "git_commit": git_commit()})
+            step = int(rec["best_epoch"]) if isinstance(rec.get("best_epoch"), int) else 0
+            for h in rec.get("history") or []:  # LightGCN's validation curve (the best epoch below)
+                if "metric" in h and h["epoch"] != step:
+                    mlflow.log_metric("valid/recall_10", float(h["metric"]), step=int(h["epoch"]))
+            metrics = {}
+            for ph in ("valid", "test"):
+                for k, v in (rec.get(ph) or {}).items():
+                    if k != "n_users" and isinstance(v, float) and v == v:
+                        metrics[mlflow_name(f"final/{ph}/{k}")] = v
+                        metrics[mlflow_name(f"{ph}/{k}")] = v
+            for k in ("best_epoch", "seconds", "train_seconds"):
+                if isinstance(rec.get(k), (int, float)):
+                    metrics[f"final/{k}"] = float(rec[k])
+            mlflow.log_metrics(metrics, step=step)
+            if results_file:
+                mlflow.log_artifact(results_file)
+            ids[name] = run.info.run_id
+    return ids
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -362,6 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--patience", type=int, default=5, help="evaluations without improvement")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
+                   help="log each baseline as an MLflow run (default: on; --no-mlflow to skip)")
+    p.add_argument("--tracking-uri", default="",
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here)")
+    p.add_argument("--experiment", default="mbssl",
+                   help="MLflow experiment: use the MBSSL config's run.experiment to compare in one view")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if a.threads:
@@ -384,6 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     atomic_write_json(a.out, doc)
     log.info("wrote %s", a.out)
+    if a.mlflow:
+        ids = log_baselines_to_mlflow(results, ds, os.fspath(a.data), ks, a.tracking_uri, a.experiment,
+                                      results_file=os.fspath(a.out))
+        log.info("MLflow runs in experiment %r: %s", a.experiment, ids)
     return 0
 
 

@@ -8,6 +8,7 @@ is an error that names the field and says what is expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -269,6 +270,8 @@ def _check_type(where: str, value: Any, tp) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} = {value!r}: expected a number")
+        if not math.isfinite(value):  # TOML accepts nan and inf; no setting means either
+            raise ConfigError(f"{where} = {value!r}: expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -360,7 +363,8 @@ def validate(cfg: Config) -> None:
                      ("train.patience", t.patience), ("train.max_steps_per_epoch", t.max_steps_per_epoch),
                      ("loss.intra_weight", lo.intra_weight), ("loss.inter_weight", lo.inter_weight), ("train.threads", t.threads),
                      ("checkpoint.every_epochs", cfg.checkpoint.every_epochs),
-                     ("checkpoint.every_steps", cfg.checkpoint.every_steps)]:
+                     ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+                     ("data.n_users", d.n_users), ("data.n_items", d.n_items)]:
         _positive(where, v, strict=False)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
@@ -397,6 +401,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device = {t.device!r}: expected auto, cpu or cuda")
     if any(w < 0 for w in cfg.swing.weights.values()):
         raise ConfigError(f"swing.weights = {cfg.swing.weights}: weights must be >= 0")
+
+
+def check_runtime(cfg: Config) -> None:
+    """Checks that need the machine, run at start before any process group or data: a config
+    asking for a GPU on a machine without one is a config error, not a traceback."""
+    if cfg.train.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device = 'cuda' but CUDA is not available on this machine (torch "
+                              f"{torch.__version__}); use train.device = \"auto\" or \"cpu\"")
 
 
 def validate_against_data(cfg: Config, behaviors: list[str]) -> None:

@@ -59,6 +59,11 @@ PHASES = ("valid", "test")
 HeldOut = Union[sp.spmatrix, "tuple[np.ndarray, np.ndarray]"]
 
 
+
+class NonFiniteScoresError(ValueError):
+    """The model scored NaN: its parameters diverged (a step with a finite loss can still
+    leave them non-finite)."""
+
 def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
     """Names of the entries of ``evaluate_sums``'s tensor, in order (last: ``n_users``)."""
     names = []
@@ -156,7 +161,7 @@ def evaluate_sums(score_fn: Callable[[torch.Tensor], torch.Tensor], users, heldo
             raise ValueError(f"score_fn gives {n_items} items; held-out has {held.shape[1]} columns, "
                              f"mask {None if mask_csr is None else mask_csr.shape[1]}")
         if torch.isnan(scores).any():
-            raise ValueError("score_fn returned NaN scores")
+            raise NonFiniteScoresError("score_fn returned NaN scores")
         dev = scores.device
         B = len(ub)
         hr, hc = _rows(held, ub)
@@ -274,3 +279,86 @@ def eval_split(ds, phase: str, masks: dict | None = None, held: dict | None = No
 
 def format_metrics(m: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+# --------------------------------------------------------------------------- CLI
+
+def main(argv=None) -> int:
+    """``python -m mbssl_dist.evaluate --run runs/NAME [--split valid|test|both]`` (``mbssl-evaluate``).
+
+    Re-evaluates the run's saved model (``runs/NAME/model/``, the best-validation epoch) with
+    the trainer's evaluator (train.Evaluator: same masks, tie rule, batching, partitioning and
+    threads), prints a JSON object with the metrics and whether they equal ``final.json``'s
+    (test at the best validation epoch) and ``model.json``'s. Bit-identical when run with the
+    training's number of processes (``final.json`` ``world_size``; under torchrun for P > 1).
+    ``--check`` exits 1 when they differ. Bad input: one line on stderr, exit 2.
+    """
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m mbssl_dist.evaluate", description=main.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory (runs/NAME) with a saved model/ (under torchrun write --run-dir: torchrun's "
+                        "own parser takes --run for an abbreviation of its --run-path)")
+    p.add_argument("--split", choices=["valid", "test", "both"], default="both")
+    p.add_argument("--data", help="prepared dataset directory, if it moved since training (checksum-checked)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the run's train.threads)")
+    p.add_argument("--check", action="store_true", help="exit 1 unless the metrics equal final.json's")
+    args = p.parse_args(argv)
+
+    from .export import ModelError, Scoring, open_dataset, read_model_dir, run_model_dir
+    from .parallel.dist import init_distributed, shutdown
+    from .train import Evaluator
+
+    comm = None
+    try:
+        art = read_model_dir(run_model_dir(args.run))
+        cfg = art.cfg
+        threads = args.threads if args.threads is not None else cfg.train.threads
+        if threads:
+            torch.set_num_threads(threads)
+        ds = open_dataset(art, args.data)
+        comm, device = init_distributed("cpu", cfg.dist.collectives)
+        logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING,
+                            format=f"%(asctime)s [rank {comm.rank}] %(levelname)s %(name)s: %(message)s", force=True)
+        if comm.world_size != art.meta.get("trained_world_size", comm.world_size):
+            log.warning("trained with %s processes, evaluating with %d: the propagation sums in another order, "
+                        "so metrics may differ in the last digits", art.meta.get("trained_world_size"), comm.world_size)
+        sc = Scoring(art, ds, comm, device, propagate=False)
+        phases = ("valid", "test") if args.split == "both" else (args.split,)
+        ev = Evaluator(ds, sc.part, list(cfg.train.ks), cfg.train.eval_batch_size)
+        res = ev(sc.model, sc.adjs, comm, phases=phases, user_items=sc.user_items)
+        if not comm.is_main:
+            return 0
+        final_path = Path(args.run) / "final.json"
+        final = json.loads(final_path.read_text()) if final_path.is_file() else {}
+        out = {"run": str(args.run), "best_epoch": art.meta["best_epoch"], "world_size": comm.world_size}
+        same = True
+        for ph in phases:
+            got = {k: v for k, v in res[ph].items() if k != "n_users"}
+            out[ph] = {**got, "n_users": res[ph]["n_users"]}
+            for src, ref in (("final.json", final.get(ph)), ("model.json", art.meta.get(ph))):
+                if ref is None:
+                    continue
+                eq = got == {k: ref.get(k) for k in got}
+                out.setdefault("equal", {})[f"{ph} vs {src}"] = eq
+                same &= eq
+        if final and final.get("best_epoch") != art.meta["best_epoch"]:
+            out["note"] = (f"final.json's best_epoch {final.get('best_epoch')} is not the saved model's "
+                           f"{art.meta['best_epoch']} (a run still in progress or an older model/)")
+            same = False
+        print(json.dumps(out, indent=2))
+        return 1 if (args.check and not same) else 0
+    except ModelError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if comm is not None:
+            shutdown(comm)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

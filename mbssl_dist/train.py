@@ -24,6 +24,9 @@ import torch
 from tqdm import tqdm
 
 from .config import Config, ConfigError, describe, load_config, validate_against_data
+from .data.errors import DataError
+from .evaluate import NonFiniteScoresError
+from .export import save_model
 from .training import CheckpointError, CheckpointManager, EvalHistory
 from .training.checkpoint import ShardedRows, describe_tensors, load_state_tensors, state_tensors
 
@@ -275,10 +278,19 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
-    # 1. data: prepared once by rank 0, then loaded by every rank
+    # 1. data: prepared once by rank 0, then loaded by every rank (a bad input found by rank 0
+    # stops every rank with exit 2, not the others with a gloo error at the next collective)
+    bad: DataError | None = None
     if comm.is_main:
-        ensure_prepared(cfg.data)
-    comm.barrier()
+        try:
+            ensure_prepared(cfg.data)
+        except DataError as e:
+            bad = e
+    failed = comm.all_reduce_sum_(torch.tensor([1.0 if bad else 0.0]))
+    if bad is not None:
+        raise bad
+    if failed.item():
+        raise DataError("the data could not be prepared (rank 0 says why)")
     ds = load_prepared(prepared_dir_for(cfg.data))
     validate_against_data(cfg, ds.behaviors)
     log.info("data %s: %d users x %d items, behaviors %s (target %r), train counts %s", ds.path, ds.n_users,
@@ -405,13 +417,24 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
             last = epoch == tc.epochs - 1
             if (epoch + 1) % tc.eval_every == 0 or last:
                 t1 = time.time()
-                res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
+                try:
+                    res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
+                except NonFiniteScoresError:
+                    msg = (f"non-finite scores at the evaluation after epoch {epoch} (global step {state.step}): "
+                           f"the parameters diverged; lower train.lr")
+                    log.error("%s; stopping", msg)
+                    logger.record({"kind": "error", "epoch": epoch, "step": None, "task": "evaluation",
+                                   "message": msg})
+                    logger.finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, status="FAILED")
+                    return 3
                 eval_seconds = round(time.time() - t1, 3)
                 for ph in ("valid", "test"):
                     logger.record({"kind": ph, "epoch": epoch, **res[ph]}, step=epoch,
                                   timing={"eval_seconds": eval_seconds} if ph == "valid" else None)
                 scores = {ph: {k: v for k, v in res[ph].items() if k != "n_users"} for ph in ("valid", "test")}
                 improved = history.add(epoch, scores["valid"], scores["test"])
+                if improved:  # the best-validation model -> runs/NAME/model (collective)
+                    save_model(run_dir / "model", run, cfg, ds, comm, history.rows[-1])
                 log.info("epoch %d valid: %s | test: %s%s", epoch,
                          " ".join(f"{k}={v:.4f}" for k, v in scores["valid"].items()),
                          " ".join(f"{k}={v:.4f}" for k, v in scores["test"].items()), " *" if improved else "")
@@ -446,6 +469,14 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         "dataset": str(ds.path),
         "dataset_sha256": ds.checksum(),
     }
+    if comm.is_main and cfg.run.mlflow and (run_dir / "model").is_dir():
+        from .mlflow_model import log_model_to_mlflow  # mlflow.pyfunc: imported only when used
+
+        try:
+            log_model_to_mlflow(run_dir / "model")
+        except Exception as e:  # noqa: BLE001 - the run itself finished; say what is missing
+            log.warning("the model was not logged to MLflow (%s: %s); it is in %s", type(e).__name__, e,
+                        run_dir / "model")  # the best-validation model under the run's "Logged models"
     logger.finish(final, status="FINISHED")
     if comm.is_main:
         log.info("best epoch %s: test %s (outputs in %s)", final["best_epoch"], final["test"], run_dir)
@@ -458,11 +489,17 @@ def main(argv=None) -> int:
         print(describe())
         return 0
     setup_logging(0)
+    from .config import check_runtime
+    from .data.cache import prepared_dir_for
+    from .data.errors import DataError
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        log.error("config error: %s", e)
-        print(f"config error: {e}", file=sys.stderr)
+        check_runtime(cfg)  # train.device = "cuda" without a GPU
+        prepared_dir_for(cfg.data)  # a missing data.path fails here, on every rank
+    except (ConfigError, DataError) as e:
+        what = "data error" if isinstance(e, DataError) else "config error"
+        log.error("%s: %s", what, e)
+        print(f"{what}: {e}", file=sys.stderr)
         return 2
     from .parallel.dist import init_distributed, shutdown
 
@@ -470,9 +507,10 @@ def main(argv=None) -> int:
     setup_logging(comm.rank)
     try:
         return train(cfg, comm, device, prepare_only=args.prepare_only)
-    except ConfigError as e:
-        log.error("config error: %s", e)
-        print(f"config error: {e}", file=sys.stderr)
+    except (ConfigError, DataError) as e:
+        what = "data error" if isinstance(e, DataError) else "config error"
+        log.error("%s: %s", what, e)
+        print(f"{what}: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
         log.error("checkpoint error: %s", e)

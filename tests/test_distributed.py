@@ -45,6 +45,9 @@ def fn_table(n: int, k: int, seed: int):
 
 def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray, overrides: list[str],
             out_dir: str, steps: int = STEPS) -> None:
+    import mbssl_dist.model.mbssl as M
+
+    block_rows = M.MASK_BLOCK_ROWS  # restored below: world=1 runs in the pytest process itself
     try:
         torch.set_num_threads(1)
         from mbssl_dist.parallel.comm import LocalComm
@@ -67,8 +70,6 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
             comm = LocalComm()
         autograd = "_autograd" in overrides  # one autograd pass per task instead of the tape
         if "_small_mask_blocks" in overrides:  # many dropout-mask blocks on this tiny graph
-            import mbssl_dist.model.mbssl as M
-
             M.MASK_BLOCK_ROWS = 16
         cfg = small_config([o for o in overrides if not o.startswith("_")])
         ds = load_prepared(data_dir)
@@ -100,6 +101,8 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
     except Exception:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+    finally:
+        M.MASK_BLOCK_ROWS = block_rows
 
 
 def run_world(world: int, data_dir: Path, assign: np.ndarray, overrides: list[str], out: Path,

@@ -111,29 +111,77 @@ def test_per_tensor_decisions_and_none_grads():
     assert stats["aux"][0]["frac_projected"] == 1.0  # 1 of the 1 tensor where aux is non-zero
 
 
-class _FakeComm:
-    """Two identical 'ranks': all_reduce_sum_ doubles, as if the other rank held the same values."""
+class _ThreadComm:
+    """Rank ``rank`` of a world of 2 threads: ``all_reduce_sum_`` really sums what the two
+    threads pass in (a barrier, then each adds the other's vector), so a rank whose shard
+    differs from the other's sees the difference. Counts its calls."""
 
     world_size = 2
-    rank = 0
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, rank: int, shared: dict, barrier):
+        self.rank, self.shared, self.barrier, self.calls = rank, shared, barrier, 0
 
     def all_reduce_sum_(self, t):
         self.calls += 1
-        return t.mul_(2.0)
+        self.shared[self.rank] = t.clone()
+        self.barrier.wait()
+        total = self.shared[0] + self.shared[1]
+        self.barrier.wait()  # both have read before either call can overwrite
+        return t.copy_(total)
 
 
-def test_sharded_scalars_one_collective():
-    comm = _FakeComm()
-    g0 = [_t(1.0, 0.0), _t(2.0)]
-    g1 = [_t(-1.0, 1.0), _t(1.0)]
-    out, stats = HMG(2, "hmg").combine([g0, g1], sharded=[True, False], comm=comm)
-    assert comm.calls == 1
-    # sharded tensor: global norm² doubled but ratios, and so coefficients, are unchanged
-    (ref0,), _ = HMG(2, "hmg").combine([[g0[0]], [g1[0]]])
-    assert torch.allclose(out[0], ref0)
+def _two_ranks(grads_per_rank, sharded, strategy="hmg"):
+    """Run HMG.combine on two threads that each hold their own shards."""
+    import threading
+
+    shared, barrier, out = {}, threading.Barrier(2, timeout=30), {}
+    comms = [_ThreadComm(r, shared, barrier) for r in range(2)]
+
+    def work(r):
+        out[r] = HMG(len(grads_per_rank[r]), strategy).combine(grads_per_rank[r], sharded=sharded, comm=comms[r])
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(out) == {0, 1}, "a rank did not finish"
+    return out, comms
+
+
+@pytest.mark.parametrize("strategy", ["hmg", "C"])
+def test_sharded_scalars_one_collective(strategy):
+    """Tensor 0 is sharded (rows split over the two ranks, different values), tensor 1 is
+    replicated (the same, already all-reduced, gradient on both). Each rank's combined rows
+    and the replicated tensor must equal one process's HMG over the whole tensors, and the
+    statistics must be the global ones. A comm that reduced the wrong tensor, both, or
+    neither gives other coefficients on some rank (or other statistics)."""
+    # target / aux gradients of the user rows: rank 0 holds row 0, rank 1 row 1 (2-d rows)
+    g0_rows = [_t(1.0, 0.0), _t(0.2, 3.0)]
+    g1_rows = [_t(-4.0, 1.0), _t(0.5, -0.5)]
+    # replicated tensor: target small, aux large and conflicting -> projected and rescaled
+    g0_rep, g1_rep = _t(2.0, 0.0), _t(-3.0, 4.0)
+    per_rank = [[[g0_rows[r], g0_rep], [g1_rows[r], g1_rep]] for r in range(2)]
+    out, comms = _two_ranks(per_rank, sharded=[True, False], strategy=strategy)
+    assert [c.calls for c in comms] == [1, 1]  # the sharded scalars travel in ONE collective
+
+    # oracle: one process holding the whole user-row tensor
+    full = [[torch.stack(g0_rows), g0_rep], [torch.stack(g1_rows), g1_rep]]
+    ref, ref_stats = HMG(2, strategy).combine(full)
+    # the data are chosen so that the sharded tensor's global decision differs from what
+    # either rank alone would decide (rank 1 alone: aux smaller than target, nothing fires)
+    alone = [HMG(2, strategy).combine([[g0_rows[r], g0_rep], [g1_rows[r], g1_rep]])[0][0] for r in range(2)]
+    assert not torch.allclose(alone[1], ref[0][1])
+    for r in range(2):
+        combined, stats = out[r]
+        assert torch.allclose(combined[0], ref[0][r]), (r, combined[0], ref[0][r])
+        assert torch.allclose(combined[1], ref[1]), (r, combined[1], ref[1])
+        for k in ("norm_ratio", "cosine", "frac_projected", "frac_rescaled"):
+            assert stats["aux"][0][k] == pytest.approx(ref_stats["aux"][0][k], rel=1e-12), (r, k)
+        assert stats["target_norm"] == pytest.approx(ref_stats["target_norm"], rel=1e-12)
+    # and the replicated tensor really was modified (projection + rescale), so out[1] is checked
+    proj = g1_rep - (g1_rep @ g0_rep) / (g0_rep @ g0_rep) * g0_rep
+    assert torch.allclose(ref[1], g0_rep + (0.7 * 2.0 / 5.0 + 0.3) * proj)
 
 
 def test_bad_strategy():

@@ -302,3 +302,13 @@ def test_kill_9_of_a_worker_under_torchrun_restarts_resumes_and_matches(p2_runs)
     assert p.returncode == 0, log[-3000:]
     assert "resuming from" in log and "exitcode: -9" in log, log[-3000:]
     assert_same_run(full, out, rtol=1e-6)
+
+
+def test_diverged_parameters_at_evaluation_are_exit_3_not_a_traceback(tmp_path):
+    """A step can keep a finite loss yet leave NaN parameters; the evaluation then scores NaN.
+    That is the non-finite-loss failure (exit 3, FAILED, message), not an uncaught ValueError."""
+    rc, out = run(tmp_path, "div", ["train.epochs=3", "train.lr=1e30", "train.max_steps_per_epoch=1",
+                                    "loss.use_inter=false"])
+    assert rc == 3
+    fin = final(out)
+    assert fin["status"] == "FAILED" and fin["exit_code"] == 3 and "non-finite" in fin["error"], fin

@@ -6,18 +6,19 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from mbssl_dist.swing import (load_swing, load_swing_topn, read_manifest, swing_bruteforce, swing_full,
-                              swing_topk, swing_topk_combined)
+from mbssl_dist.swing import (load_swing, load_swing_topn, read_manifest, swing_full, swing_topk,
+                              swing_topk_combined)
 from mbssl_dist.swing.__main__ import main as swing_main
+
+from .conftest import require_torchrun
+from .oracles import swing_bruteforce
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,6 +124,52 @@ def test_full_matrix_equals_bruteforce(seed, side):
     F = swing_full(X, alpha=0.5).toarray()
     np.testing.assert_allclose(F, S, rtol=1e-9, atol=1e-12)
     assert np.all(np.diag(F) == 0)
+
+
+def test_hand_worked_example():
+    """Eq 6 by hand on 4 users x 3 items (alpha = 0.5), so the oracle itself is checked too.
+
+    Purchases:  u0: {a, b, c}   u1: {a, b}   u2: {a, b, c}   u3: {c}      (a, b, c = items 0, 1, 2)
+
+    Item-item swing (sources = items, intermediaries = users). The users of each item:
+    U_a = U_b = {u0, u1, u2}, U_c = {u0, u2, u3}; overlaps of the users' item sets:
+    |I_u0 & I_u1| = |{a,b}| = 2, |I_u0 & I_u2| = 3, |I_u1 & I_u2| = 2, |I_u0 & I_u3| = |I_u2 & I_u3| = 1.
+      sim(a, b): user pairs from {u0,u1,u2}: (u0,u1) 1/(0.5+2) = 0.4, (u0,u2) 1/(0.5+3) = 2/7,
+                 (u1,u2) 0.4                                      -> 0.8 + 2/7 = 38/35 = 1.0857...
+      sim(a, c) = sim(b, c): common users {u0, u2}: one pair (u0,u2) -> 2/7 = 0.2857...
+
+    User-user swing (sources = users, intermediaries = items). The items' user sets:
+    I_a = I_b = {u0,u1,u2}, I_c = {u0,u2,u3}: |I_a & I_b| = 3, |I_a & I_c| = |I_b & I_c| = 2.
+      sim(u0, u2): common items {a,b,c}: (a,b) 1/3.5 = 2/7, (a,c) 1/2.5 = 0.4, (b,c) 0.4 -> 38/35
+      sim(u0, u1) = sim(u1, u2): common {a, b}: (a,b) -> 2/7
+      sim(u3, anyone) = 0: u3 shares only item c with u0 and u2, so no pair of common items.
+    """
+    R = sp.csr_matrix(np.array([[1, 1, 1],
+                                [1, 1, 0],
+                                [1, 1, 1],
+                                [0, 0, 1]], dtype=np.float64))
+    s1, s2 = 38 / 35, 2 / 7
+    items_want = np.array([[0, s1, s2],
+                           [s1, 0, s2],
+                           [s2, s2, 0]])
+    users_want = np.array([[0, s2, s1, 0],
+                           [s2, 0, s2, 0],
+                           [s1, s2, 0, 0],
+                           [0, 0, 0, 0]])
+    for X, want in ((R.T.tocsr(), items_want), (R, users_want)):
+        np.testing.assert_allclose(swing_bruteforce(X, alpha=0.5), want, rtol=1e-12)
+        np.testing.assert_allclose(swing_full(X, alpha=0.5).toarray(), want, rtol=1e-12)
+        src, dst, score = swing_topk(X, alpha=0.5, topn=1)  # each source's best neighbor (ties: lower id)
+        best = {int(s): (int(d), float(v)) for s, d, v in zip(src, dst, score)}
+        for s in range(want.shape[0]):
+            if want[s].max() > 0:
+                j = int(np.argmax(want[s]))
+                assert best[s][0] == j and best[s][1] == pytest.approx(want[s, j], rel=1e-12)
+            else:
+                assert s not in best
+    # alpha enters only through the 1/(alpha + overlap) weights: at alpha = 1, sim(a, b) =
+    # 1/3 + 1/4 + 1/3 = 11/12 and sim(a, c) = 1/4
+    np.testing.assert_allclose(swing_full(R.T.tocsr(), alpha=1.0).toarray()[0], [0, 11 / 12, 1 / 4], rtol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -286,13 +333,11 @@ def test_cli_missing_data(tmp_path, capsys):
     assert "manifest.json" in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
-                    reason="torchrun not installed")
 def test_torchrun_two_ranks_identical(tmp_path):
+    torchrun = require_torchrun()
     data = make_prepared(tmp_path)
     out1, out2 = tmp_path / "sw1", tmp_path / "sw2"
     assert _run(["--data", data, "--out", out1, "--topn", 5]) == 0
-    torchrun = str(Path(sys.executable).parent / "torchrun")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mbssl_dist.swing",
                         "--data", str(data), "--out", str(out2), "--topn", "5", "--no-progress"],

@@ -11,6 +11,8 @@ import pytest
 
 from mbssl_dist.train import main
 
+from .conftest import require_data
+
 SMALL = ["data.synthetic_users=300", "data.synthetic_items=200", "data.synthetic_clusters=4",
          "model.dim=16", "model.n_layers=2", "train.batch_size=64", "train.lr=0.05", "train.threads=1",
          "swing.topn=20", "swing.workers=1", "loss.fn_users=5", "loss.fn_items=5", "loss.decay=0.01",
@@ -67,13 +69,23 @@ def test_seed_changes_the_run(tmp_path):
     assert la["loss/rec"] != lb["loss/rec"]
 
 
-def test_non_finite_loss_stops_with_task_epoch_step(tmp_path, caplog):
-    rc, out = run(tmp_path, "nan", ["train.epochs=3", "train.lr=1e30", "loss.use_inter=false"])
+# lr = 1e30: the first step's Adam update (~lr per entry) makes the second step's rec loss
+# NaN; one step per epoch puts that step at epoch 1, step 0 (evaluation only at the end,
+# so no evaluation sees the broken model first)
+NAN_RUN = ["train.epochs=3", "train.lr=1e30", "loss.use_inter=false", "train.max_steps_per_epoch=1",
+           "train.eval_every=10"]
+NAN_MSG = "non-finite loss in task 'rec' at epoch 1, step 0 (global step 1)"
+
+
+def test_non_finite_loss_stops_with_task_epoch_step(tmp_path, capsys):
+    rc, out = run(tmp_path, "nan", NAN_RUN)
     assert rc == 3
     final = json.loads((out / "final.json").read_text())
-    assert "non-finite loss in task" in final["error"] and "at epoch" in final["error"] and "step" in final["error"]
-    err = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"error"' in x]
-    assert err and err[0]["task"] in ("rec", "intra", "reg")
+    assert final["error"] == NAN_MSG
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in recs] == ["epoch", "error"]  # epoch 0 finished, then the stop
+    assert recs[1] == {"kind": "error", "epoch": 1, "step": 0, "task": "rec", "message": NAN_MSG}
+    assert NAN_MSG in capsys.readouterr().err  # the log line (the trainer sets up its own handler)
 
 
 @pytest.mark.parametrize("bad, expect", [
@@ -91,27 +103,69 @@ def test_config_errors_name_the_field(tmp_path, capsys, bad, expect):
 
 
 def test_mlflow_logging(tmp_path):
-    rc, out = run(tmp_path, "ml", ["train.epochs=2", "loss.use_inter=false"], mlflow=True)
+    """The MLflow run holds the same numbers as metrics.jsonl / final.json, at the epoch as
+    step, and ends FINISHED."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    rc, out = run(tmp_path, "ml", ["train.epochs=3", "loss.use_inter=false"], mlflow=True)
     assert rc == 0
-    con = sqlite3.connect(tmp_path / "mlflow.db")
-    keys = {r[0] for r in con.execute("select key from metrics")}
-    params = {r[0] for r in con.execute("select key from params")}
-    tags = {r[0]: r[1] for r in con.execute("select key, value from tags")}
-    assert {"epoch/loss/rec", "valid/recall_10", "test/ndcg_50", "final/test/recall_10", "epoch/time/seconds"} <= keys
-    assert {"train.lr", "model.dim", "loss.tau"} <= params
-    assert "git_commit" in tags and len(tags["dataset_sha256"]) == 64
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "mbssl"]
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.info.status == "FINISHED" and r.info.run_name == "ml"
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    n_checked = 0
+    for rec in recs:
+        for k, v in rec.items():
+            if k in ("kind", "epoch", "step") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            hist = client.get_metric_history(r.info.run_id, f"{rec['kind']}/{k}".replace("@", "_"))
+            at = [m for m in hist if m.step == rec["epoch"]]
+            assert len(at) == 1, (rec["kind"], k, rec["epoch"], hist)
+            assert at[0].value == pytest.approx(v, rel=1e-6, abs=1e-12), (rec["kind"], k, rec["epoch"])
+            n_checked += 1
+    kinds = [rec["kind"] for rec in recs]
+    assert kinds.count("epoch") == 3 and kinds.count("valid") == 3 and n_checked > 30
+    for name in ("epoch/loss/rec", "valid/recall_10", "test/ndcg_50"):
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == [0, 1, 2]
+    final = json.loads((out / "final.json").read_text())
+    assert r.data.metrics["final/test/recall_10"] == pytest.approx(final["test"]["recall@10"], rel=1e-6)
+    assert r.data.metrics["final/best_epoch"] == final["best_epoch"]
+    assert "epoch/time/seconds" in r.data.metrics  # wall time goes to MLflow, not metrics.jsonl
+    assert "git_commit" in r.data.tags and len(r.data.tags["dataset_sha256"]) == 64
     arts = {p.name for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()}
     assert {"final.json", "metrics.jsonl", "curves.png", "config.toml"} <= arts
+    del mlflow
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
                          ids=lambda p: p.stem)
 def test_shipped_configs_validate(path):
-    """Every config in configs/ parses and passes validation (data-independent checks)."""
-    from mbssl_dist.config import load_config
+    """Every config in configs/ parses, passes validation, and fits its data: the data
+    directory exists with a file per configured behavior and a test file, and the checks
+    the trainer runs once the behaviors are known (lambdas / neg_weight per behavior, swing
+    weight names) pass. Reads only directory listings, so it runs on every real dataset."""
+    from mbssl_dist.config import load_config, validate_against_data
+    from mbssl_dist.data.synthetic import SyntheticSpec
+    from mbssl_dist.data.text import RESERVED, default_order, discover
 
     cfg = load_config(str(path), [])
     assert cfg.run.name
+    if cfg.data.format == "synthetic":
+        behaviors = list(cfg.data.behaviors) or SyntheticSpec().behaviors
+    else:
+        assert cfg.data.format == "text", "extend this test for other formats"
+        data = require_data(Path(cfg.data.path))  # skips (or fails under MBSSL_REQUIRE_DATA=1)
+        files = discover(data)
+        assert "test" in files, f"{data}: no test.txt[.gz]"
+        available = [n for n in files if n not in RESERVED]
+        behaviors = list(cfg.data.behaviors) or default_order(available)
+        missing = [b for b in behaviors if b not in files]
+        assert not missing, f"{path.name}: data.behaviors {missing} have no file in {data} (found {available})"
+        if cfg.data.target:
+            assert behaviors[-1] == cfg.data.target
+    validate_against_data(cfg, behaviors)
 
 
 def test_run_dir_is_locked_while_a_run_writes_it(tmp_path):

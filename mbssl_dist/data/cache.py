@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from .dataset import MANIFEST
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def prepared_dir_for(dc) -> Path:
     else:
         p = Path(dc.path)
         if not p.exists():
-            raise FileNotFoundError(f"data.path {p} does not exist")
+            raise DataError(f"does not exist (data.format = {dc.format!r})", file=str(p), field="data.path")
         key.update(path=str(p.resolve()), files=_fingerprint(p), n_users=dc.n_users, n_items=dc.n_items)
         name = p.stem.split(".")[0] or "data"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -50,7 +51,8 @@ def ensure_prepared(dc) -> Path:
     if (out / MANIFEST).is_file():
         return out
     if dc.format == "prepared":
-        raise FileNotFoundError(f"data.path {out} is not a prepared dataset directory (no {MANIFEST})")
+        raise DataError(f"not a prepared dataset directory (no {MANIFEST}); run `python -m mbssl_dist.data "
+                        "prepare` or set data.format to text/table", file=str(out), field="data.path")
     log.info("preparing %s data from %s into %s", dc.format, dc.path or "the generator", out)
     behaviors = list(dc.behaviors) or None
     target = dc.target or None

@@ -158,9 +158,28 @@ def load_prepared(path: str | os.PathLike) -> PreparedDataset:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}; "
                         "re-run prepare", file=str(mpath))
+    for key in ("n_users", "n_items"):
+        if isinstance(manifest[key], bool) or not isinstance(manifest[key], int) or manifest[key] < 1:
+            raise DataError(f"{key} = {manifest[key]!r}: expected a positive integer", file=str(mpath))
+    beh = manifest["behaviors"]
+    if not isinstance(beh, list) or not beh or not all(isinstance(b, str) and b for b in beh):
+        raise DataError(f"behaviors = {beh!r}: expected a non-empty list of names", file=str(mpath))
     tr = _read(path / "train.parquet", ["user", "item", "behavior"])
     va = _read(path / "valid.parquet", ["user", "item"])
     te = _read(path / "test.parquet", ["user", "item"])
+    # Ids beyond the manifest's shape would index out of bounds deep inside swing, partition or
+    # the trainer; an edited or mixed-up directory is caught here, naming file and row.
+    limits = {"user": ("n_users", manifest["n_users"]), "item": ("n_items", manifest["n_items"]),
+              "behavior": ("behaviors", len(beh))}
+    for fname, cols in (("train.parquet", tr), ("valid.parquet", va), ("test.parquet", te)):
+        for col, arr in cols.items():
+            key, lim = limits[col]
+            bad = np.flatnonzero((arr < 0) | (arr >= lim))
+            if len(bad):
+                r = int(bad[0])
+                raise DataError(f"row {r + 1}: {col} {int(arr[r])} is outside [0, {lim}) declared by "
+                                f"manifest.json {key} = {manifest[key] if key != 'behaviors' else beh}; the prepared "
+                                "directory is inconsistent (re-run prepare)", file=str(path / fname), field=col)
     return PreparedDataset(
         n_users=int(manifest["n_users"]), n_items=int(manifest["n_items"]),
         behaviors=list(manifest["behaviors"]),

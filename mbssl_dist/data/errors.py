@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 
 class DataError(ValueError):
     """Bad input data. ``str()`` reads ``FILE:LINE: problem`` (or ``FILE: problem``)."""
 
     def __init__(self, problem: str, file: str | None = None, line: int | None = None,
                  field: str | None = None):
+        problem = re.sub(r"\s*\n\s*", " ", str(problem)).strip()  # one line, even for library messages
         self.problem = problem
         self.file = file
         self.line = line

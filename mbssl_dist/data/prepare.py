@@ -7,6 +7,8 @@ test pairs also in training), then the validation split, then an atomic write.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -15,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..utils.io import atomic_dir, sha256_file
-from .dataset import PreparedDataset, write_prepared
+from .dataset import MANIFEST, PreparedDataset, write_prepared
 from .errors import DataError
 from .split import carve_validation, pair_keys
 
@@ -120,6 +122,48 @@ def assemble(behaviors: list[str], users: list[np.ndarray], items: list[np.ndarr
         manifest=manifest)
 
 
+def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before any parsing, an ``out`` that would destroy input or cannot be written.
+
+    ``atomic_dir`` replaces ``out`` wholesale under ``overwrite``; when ``out`` is, contains or lies
+    inside an input that would delete the user's raw data, so it is never allowed. An existing
+    directory is replaced only when it is a previous prepared output (or empty). Writability is
+    probed by creating (and removing) a directory where the temporary output will go, so a
+    read-only destination fails in a second rather than after a long parse.
+    """
+    out = Path(out)
+    out_r = out.resolve()
+    for inp in inputs:
+        in_r = Path(inp).resolve()
+        if out_r == in_r:
+            rel = "is"
+        elif in_r.is_relative_to(out_r):
+            rel = "contains"
+        elif out_r.is_relative_to(in_r):
+            rel = "lies inside"
+        else:
+            continue
+        raise DataError(f"--out {rel} the input {in_r}; refusing (it would overwrite the raw data); choose an "
+                        "output directory outside the input", file=str(out))
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise DataError("output directory already exists (pass --overwrite to replace it)", file=str(out))
+        if not out.is_dir() or out.is_symlink():
+            raise DataError("exists and is not a directory; refusing to replace it", file=str(out))
+        if any(out.iterdir()) and not (out / MANIFEST).is_file():
+            raise DataError(f"exists and is not a prepared dataset directory (no {MANIFEST}); refusing to "
+                            "replace it; choose another --out", file=str(out))
+    anc = out_r.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise DataError(f"cannot create the output directory: {anc} is not a directory", file=str(out))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mbssl-write-probe-", dir=anc))
+    except OSError as e:
+        raise DataError(f"output location is not writable ({anc}: {e.strerror or e})", file=str(out)) from None
+
+
 def _inputs(paths: list[Path]) -> list[dict]:
     return [{"file": str(p.resolve()), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths]
 
@@ -130,9 +174,10 @@ def prepare_text(input_dir: Path, out: Path, *, behaviors=None, target=None, n_u
     from .text import read_text_dir
 
     t0 = time.time()
+    check_output(out, [Path(input_dir)], overwrite)
     td = read_text_dir(Path(input_dir), behaviors, target, n_users, n_items)
     manifest = {"source": {"format": "text", "input": str(Path(input_dir).resolve())},
-                "inputs": _inputs(list(td.files.values()))}
+                "inputs": _inputs(list(td.files.values())), "behavior_order": td.order}
     ds = assemble(td.behaviors, td.users, td.items, td.test_user, td.test_item, td.n_users, td.n_items,
                   seed=seed, valid=valid, on_test_in_train=on_test_in_train, valid_aux=valid_aux,
                   test_file=str(td.files["test"]),
@@ -147,10 +192,11 @@ def prepare_table(input_path: Path, out: Path, *, behaviors=None, target=None, s
 
     t0 = time.time()
     input_path = Path(input_path)
+    check_output(out, [input_path], overwrite)
     td = read_table(input_path, behaviors, target, seed)
     manifest = {"source": {"format": "table", "input": str(input_path.resolve()),
                            "split": "timestamp" if td.timestamps is not None else "seeded"},
-                "inputs": _inputs([input_path]),
+                "inputs": _inputs([input_path]), "behavior_order": td.order,
                 "table": {"duplicate_rows_merged": td.duplicates_merged,
                           "users_without_test (single target interaction)": td.users_without_test}}
     ds = assemble(td.behaviors, td.users, td.items, td.test_user, td.test_item, len(td.user_ids),
@@ -168,20 +214,28 @@ def prepare_synthetic(out: Path, spec=None, *, seed: int | None = None, valid="o
     from .synthetic import SyntheticSpec, generate
 
     t0 = time.time()
+    check_output(out, [], overwrite)
     spec = spec or SyntheticSpec()
     if seed is not None:
         spec.seed = seed
     pairs, tu, ti = generate(spec)
-    manifest = {"source": {"format": "synthetic", "spec": spec.to_dict()}, "inputs": []}
+    manifest = {"source": {"format": "synthetic", "spec": spec.to_dict()}, "inputs": [],
+                "behavior_order": {"behaviors": list(spec.behaviors), "target": spec.behaviors[-1],
+                                   "chosen_by": "synthetic generator spec", "warnings": []}}
     ds = assemble(list(spec.behaviors), [p[0] for p in pairs], [p[1] for p in pairs], tu, ti,
                   spec.n_users, spec.n_items, seed=spec.seed, valid=valid, valid_aux=valid_aux, manifest=manifest)
     return _write(ds, out, overwrite, t0)
 
 
 def _write(ds: PreparedDataset, out: Path, overwrite: bool, t0: float, extra=None) -> PreparedDataset:
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        ds.manifest["prepare_seconds"] = round(time.time() - t0, 3)
-        write_prepared(tmp, ds, extra)
+    try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            ds.manifest["prepare_seconds"] = round(time.time() - t0, 3)
+            write_prepared(tmp, ds, extra)
+    except FileExistsError:
+        raise DataError("output directory already exists (pass --overwrite to replace it)", file=str(out)) from None
+    except OSError as e:  # disk full, permissions changed mid-run: nothing was published
+        raise DataError(f"cannot write the output directory ({e.strerror or e})", file=str(out)) from None
     ds.path = Path(out)
     log.info("prepared %s: %d users x %d items, counts %s, %d valid, %d test", out, ds.n_users, ds.n_items,
              ds.manifest["counts"], len(ds.valid_user), len(ds.test_user))

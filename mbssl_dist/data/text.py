@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 # Default order of behaviors: weakest signal first, target last.
 BEHAVIOR_RANK = {"view": 0, "pv": 0, "click": 0, "fav": 1, "collect": 1, "cart": 2, "buy": 3, "train": 3}
 RESERVED = {"test", "valid", "validation"}
+MAX_ID = 2**31 - 2  # n = max id + 1 must fit the prepared directory's int32 columns
+_INT = re.compile(r"-?[0-9]+")
 _NAME = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_-]*)\.txt(?:\.gz)?$")
 
 
@@ -36,29 +38,49 @@ class TextData:
     files: dict[str, Path]
     n_users: int
     n_items: int
+    order: dict | None = None  # behavior order, target and how it was chosen (manifest "behavior_order")
 
 
 def _open(path: Path):
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="\n")
-    return open(path, "rt", encoding="utf-8", newline="\n")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
 
 
 def _read_lines(path: Path):
-    """Yield (line_number, stripped_line); turns I/O and gzip corruption into DataError."""
+    """Yield (line_number, stripped_line); turns I/O, gzip and encoding problems into DataError.
+
+    Lines end at ``\n`` only (``\r\n`` is fine: the ``\r`` is stripped). A ``\r`` inside a line
+    means CR-only line endings, which would otherwise merge every line into one.
+    """
+    lineno = 0
     try:
         with _open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                yield lineno, line.strip()
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # BOM (Windows editors): not part of an id
+                    raw = raw[3:]
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    raise DataError(f"bytes that are not UTF-8 ({raw[e.start:e.start + 4]!r})", file=str(path),
+                                    line=lineno) from None
+                if "\r" in line:
+                    raise DataError("carriage return inside a line: CR-only (old Mac) line endings are not "
+                                    "supported; convert them to \\n (e.g. tr '\\r' '\\n')", file=str(path),
+                                    line=lineno)
+                yield lineno, line
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read file ({type(e).__name__}: {e})", file=str(path)) from e
 
 
 def _parse_id(tok: str, path: Path, lineno: int, what: str, limit: int | None) -> int:
-    try:
-        v = int(tok)
-    except ValueError:
-        raise DataError(f"{what} id {tok!r} is not an integer", file=str(path), line=lineno) from None
+    # int() alone would accept "1_000", "+5" and non-ASCII digits; ids are plain decimal numbers
+    if not _INT.fullmatch(tok):
+        raise DataError(f"{what} id {tok!r} is not an integer", file=str(path), line=lineno)
+    v = int(tok)
+    if v > MAX_ID:
+        raise DataError(f"{what} id {tok} is too large (ids are stored as int32: at most {MAX_ID})", file=str(path),
+                        line=lineno)
     if v < 0:
         raise DataError(f"{what} id {v} is negative", file=str(path), line=lineno)
     if limit is not None and v >= limit:
@@ -116,6 +138,9 @@ def read_test_file(path: Path, n_users: int | None, n_items: int | None) -> tupl
 
 def discover(input_dir: Path) -> dict[str, Path]:
     """Map behavior/test name -> file; ``x.txt`` and ``x.txt.gz`` both present is an error."""
+    if input_dir.is_file():
+        raise DataError("is a file; --format text reads a directory of <behavior>.txt[.gz] files plus test.txt "
+                        "(a CSV or Parquet table is --format table)", file=str(input_dir))
     if not input_dir.is_dir():
         raise DataError("input directory does not exist", file=str(input_dir))
     found: dict[str, Path] = {}
@@ -133,6 +158,25 @@ def discover(input_dir: Path) -> dict[str, Path]:
     return found
 
 
+def report_order(behaviors: list[str], *, by_behaviors: bool, by_target: bool, where: str) -> dict:
+    """Log the behavior order and target, warn when the target is not ``buy`` or was inferred
+    from whichever behaviors happen to be present; return the manifest's ``behavior_order``."""
+    tgt = behaviors[-1]
+    how = ("last of --behaviors" if by_behaviors else "--target" if by_target else
+           "inferred: the strongest behavior present (default order view/pv/click < fav/collect < cart < buy/train)")
+    warnings = []
+    if tgt != "buy":
+        w = f"{where}: target behavior is {tgt!r}, not the conventional 'buy'"
+        if not (by_behaviors or by_target):
+            w += (f"; it was inferred from the behaviors present ({behaviors}), so a missing buy file silently "
+                  f"changes the task: pass --target {tgt} (data.target) to confirm")
+        warnings.append(w)
+    log.info("behavior order %s (weakest first), target %r (%s)", behaviors, tgt, how)
+    for w in warnings:
+        log.warning("%s", w)
+    return {"behaviors": list(behaviors), "target": tgt, "chosen_by": how, "warnings": warnings}
+
+
 def default_order(names: list[str]) -> list[str]:
     unknown = [n for n in names if n not in BEHAVIOR_RANK]
     if unknown:
@@ -144,6 +188,11 @@ def default_order(names: list[str]) -> list[str]:
 def read_text_dir(input_dir: Path, behaviors: list[str] | None = None, target: str | None = None,
                   n_users: int | None = None, n_items: int | None = None) -> TextData:
     """Read a whole text dataset directory (behavior files + test file)."""
+    explicit = behaviors
+    for what, v in (("n_users", n_users), ("n_items", n_items)):
+        if v is not None and v < 1:
+            raise DataError(f"--{what.replace('_', '-')} {v}: must be >= 1 (omit it to use max id + 1)",
+                            field=what)
     files = discover(input_dir)
     if "test" not in files:
         raise DataError("no test.txt or test.txt.gz found", file=str(input_dir))
@@ -171,8 +220,8 @@ def read_text_dir(input_dir: Path, behaviors: list[str] | None = None, target: s
             raise DataError(f"target behavior {target!r} must be last in --behaviors {behaviors}", field="behaviors")
     if not behaviors:
         raise DataError("no behavior files found (expected <behavior>.txt[.gz])", file=str(input_dir))
-    if target is None and behaviors[-1] not in ("buy", "train"):
-        log.warning("target behavior is %r (last in order); pass --target to be explicit", behaviors[-1])
+    by_behaviors, by_target = explicit is not None, target is not None
+    order = report_order(behaviors, by_behaviors=by_behaviors, by_target=by_target, where=str(input_dir))
     us, its = [], []
     for b in behaviors:
         u, i = read_behavior_file(files[b], n_users, n_items)
@@ -187,4 +236,4 @@ def read_text_dir(input_dir: Path, behaviors: list[str] | None = None, target: s
     inferred_i = int(max(max(int(i.max()) for i in its), int(ti.max()))) + 1
     return TextData(behaviors, us, its, tu, ti, {b: files[b] for b in behaviors} | {"test": files["test"]},
                     n_users if n_users is not None else inferred_u,
-                    n_items if n_items is not None else inferred_i)
+                    n_items if n_items is not None else inferred_i, order)

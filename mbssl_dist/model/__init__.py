@@ -2,12 +2,12 @@
 
 from .hmg import HMG, STRATEGIES
 from .losses import (Anchors, InteractionTerms, InterBehaviorInfoNCE, IntraBehaviorInfoNCE, NonSamplingLoss,
-                     info_nce, naive_nonsampling)
+                     info_nce)
 from .mbssl import MBSSL, Propagated, VIEW_MODES
 from .step import (Batch, NonFiniteLossError, StepResult, TrainConfig, TrainState, TrainStep, build_batch,
                    make_generator, make_views)
 
 __all__ = ["MBSSL", "Propagated", "VIEW_MODES", "NonSamplingLoss", "InterBehaviorInfoNCE", "IntraBehaviorInfoNCE",
-           "Anchors", "InteractionTerms", "info_nce", "naive_nonsampling", "HMG", "STRATEGIES", "Batch",
+           "Anchors", "InteractionTerms", "info_nce", "HMG", "STRATEGIES", "Batch",
            "build_batch", "make_generator", "make_views", "TrainConfig", "TrainState", "TrainStep", "StepResult",
            "NonFiniteLossError"]

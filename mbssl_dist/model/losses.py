@@ -133,26 +133,6 @@ class NonSamplingLoss(nn.Module):
         return rec, reg, per
 
 
-def naive_nonsampling(users: torch.Tensor, items: torch.Tensor, relations: torch.Tensor,
-                      pos: Sequence[tuple[torch.Tensor, torch.Tensor]], weights, c_neg,
-                      extra_scores: torch.Tensor | None = None) -> torch.Tensor:
-    """O(|B|·|I|) reference: Σ_k λ_k Σ_u Σ_i c_ui (y_ui − ŷ_ui)² (for tests).
-    extra_scores: [B, n_items] added to the target behavior's ŷ."""
-    K = users.shape[1]
-    if isinstance(c_neg, (int, float)):
-        c_neg = [float(c_neg)] * K
-    total = users.new_zeros(())
-    for k in range(K):
-        yhat = users[:, k] @ (items[:, k] * relations[k]).T
-        if k == K - 1 and extra_scores is not None:
-            yhat = yhat + extra_scores
-        y = torch.zeros_like(yhat)
-        y[pos[k][0], pos[k][1]] = 1.0
-        c = torch.where(y > 0, torch.ones_like(y), torch.full_like(y, c_neg[k]))
-        total = total + weights[k] * (c * (y - yhat).square()).sum()
-    return total
-
-
 # --------------------------------------------------------------------------- InfoNCE core
 @dataclass
 class Anchors:

@@ -4,9 +4,9 @@
 manifest; the trainer reads them back with ``load_swing_topn``.
 """
 
-from .core import (DEFAULT_ALPHA, DEFAULT_TOPN, swing_bruteforce, swing_full, swing_topk,
+from .core import (DEFAULT_ALPHA, DEFAULT_TOPN, swing_full, swing_topk,
                    swing_topk_combined, topk_dense)
 from .store import load_swing, load_swing_topn, read_manifest
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_TOPN", "swing_topk", "swing_topk_combined", "swing_full",
-           "swing_bruteforce", "topk_dense", "load_swing", "load_swing_topn", "read_manifest"]
+           "topk_dense", "load_swing", "load_swing_topn", "read_manifest"]

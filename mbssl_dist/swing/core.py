@@ -29,7 +29,7 @@ row ``p`` is ``I_u & I_v`` and ``w_p = 1 / (alpha + c_p)``; then ``sim = M^T dia
 
 All accumulation is float64; every entry is summed in ascending stacked-pair order whatever
 the blocks, chunks or workers, so any number of workers gives bit-identical scores.
-No dense ``n x n`` array is ever built (except by ``swing_bruteforce``, for tests).
+No dense ``n x n`` array is ever built (the brute-force oracle lives in ``tests/oracles.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from __future__ import annotations
 import heapq
 import logging
 from dataclasses import dataclass
-from itertools import combinations
 from typing import Sequence
 
 import numpy as np
@@ -543,29 +542,6 @@ def swing_full(X: sp.spmatrix, alpha: float = DEFAULT_ALPHA) -> sp.csr_matrix:
     S.setdiag(0.0)
     S.eliminate_zeros()
     S.sort_indices()
-    return S
-
-
-# --------------------------------------------------------------------------------------------
-# reference implementation (tests only)
-# --------------------------------------------------------------------------------------------
-
-def swing_bruteforce(X: sp.spmatrix | np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
-    """Dense ``n_src x n_src`` swing by literal loops over Eq 6 (tiny graphs only)."""
-    Xd = np.asarray(X.todense() if sp.issparse(X) else X) != 0
-    n_src, n_mid = Xd.shape
-    U = [set(np.flatnonzero(Xd[s]).tolist()) for s in range(n_src)]
-    I = [set(np.flatnonzero(Xd[:, m]).tolist()) for m in range(n_mid)]
-    S = np.zeros((n_src, n_src), dtype=np.float64)
-    for i in range(n_src):
-        for j in range(n_src):
-            if i == j:
-                continue
-            common = sorted(U[i] & U[j])
-            total = 0.0
-            for u, v in combinations(common, 2):
-                total += 1.0 / (alpha + len(I[u] & I[v]))
-            S[i, j] = total
     return S
 
 
