@@ -8,7 +8,7 @@ The paper's experiments as one command each. NAME is one of
 * ``relax-sweep``: HMG relax factor r in 0, 0.1, ..., 1 (Fig 5);
 * ``compare``: the MBSSL config against the in-harness baselines (Table 2 shape);
 * ``sparsity``: test metrics per user group by number of training purchases (Fig 3), from one
-  trained model per seed (rebuilt from the run's last checkpoint; ``sparsity.json`` per run);
+  trained model per seed (its saved best-validation model; ``sparsity.json`` per run);
 * ``search``: an Optuna TPE search over a TOML search space (``--space FILE``), pruned on the
   validation metric per epoch, stored in SQLite (``OUT/search/study.db``) so it resumes.
 
@@ -383,40 +383,61 @@ def load_trained(run_dir: Path):
     return cfg, ds, run, comm, dict(doc, path=str(path))
 
 
+def trained_scorer(run_dir: Path):
+    """(cfg, ds, score_fn over global user ids, source) of the model of ``run_dir``: its saved
+    best-validation model (``RUN/model``, the one ``final.json``'s test metrics belong to), or,
+    for runs without one, the state of its newest checkpoint (after the last trained epoch)."""
+    import torch
+
+    from .export import ModelError, Scoring, open_dataset, read_model_dir, run_model_dir
+
+    try:
+        art = read_model_dir(run_model_dir(run_dir))
+    except ModelError as e:
+        log.warning("%s; using the last checkpoint instead", e)
+        art = None
+    if art is not None:
+        ds = open_dataset(art)
+        sc = Scoring(art, ds)
+        return art.cfg, ds, sc.scores, {"source": "model", "path": str(art.path), "epoch": int(art.meta["best_epoch"])}
+    cfg, ds, run, comm, doc = load_trained(run_dir)
+    g2l = torch.from_numpy(run.part.global_to_local)
+    run.model.eval()
+    with torch.no_grad():
+        prop = run.model(run.adjs, comm, None, keep_layers=False)
+
+    def score(users: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return run.model.score(prop, g2l[users.cpu()], user_items=run.user_items).cpu()
+
+    # checkpoint "epoch" = the next epoch to train, i.e. the last trained one + 1
+    return cfg, ds, score, {"source": "checkpoint", "path": doc["path"], "epoch": int(doc["epoch"]) - 1}
+
+
 def sparsity_metrics(run_dir: Path, n_groups: int = 5) -> dict:
-    """Test metrics per purchase-count group (and over all test users) of the model in
-    ``run_dir``'s last checkpoint, with the project's evaluator; written to sparsity.json."""
+    """Test metrics per purchase-count group (and over all test users) of the model of
+    ``run_dir`` (see ``trained_scorer``), with the project's evaluator; written to sparsity.json."""
     import torch
 
     from .evaluate import eval_masks, evaluate, heldout_sets
 
-    cfg, ds, run, comm, doc = load_trained(run_dir)
+    cfg, ds, score, source = trained_scorer(run_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     masks, held = eval_masks(ds), heldout_sets(ds)
     test_users = np.flatnonzero(np.diff(held["test"].indptr) > 0)
     counts = target_counts(ds)
-    groups = sparsity_groups(counts, test_users, n_groups)
-    g2l = torch.from_numpy(run.part.global_to_local)
-    model = run.model
-    model.eval()
-    with torch.no_grad():
-        prop = model(run.adjs, comm, None, keep_layers=False)
 
-        def score(users: torch.Tensor) -> torch.Tensor:
-            return model.score(prop, g2l[users.cpu()], user_items=run.user_items).cpu()
+    def ev(users: np.ndarray) -> dict:
+        return evaluate(score, users, held["test"], masks["test"], ks=cfg.train.ks,
+                        batch_size=cfg.train.eval_batch_size)
 
-        def ev(users: np.ndarray) -> dict:
-            return evaluate(score, users, held["test"], masks["test"], ks=cfg.train.ks,
-                            batch_size=cfg.train.eval_batch_size)
-
-        out = {"checkpoint": doc["path"], "checkpoint_epoch": int(doc["epoch"]),
-               "grouping": "equal-size quantile groups of test users by training purchase count",
-               "all": ev(test_users), "groups": []}
-        for lo, hi in groups:
-            members = test_users[(counts[test_users] >= lo) & (counts[test_users] <= hi)]
-            out["groups"].append({"label": f"{lo}-{hi}" if lo != hi else f"{lo}", "lo": lo, "hi": hi,
-                                  "n_users": int(len(members)), "test": ev(members)})
+    out = {**source, "grouping": "equal-size quantile groups of test users by training purchase count",
+           "all": ev(test_users), "groups": []}
+    for lo, hi in sparsity_groups(counts, test_users, n_groups):
+        members = test_users[(counts[test_users] >= lo) & (counts[test_users] <= hi)]
+        out["groups"].append({"label": f"{lo}-{hi}" if lo != hi else f"{lo}", "lo": lo, "hi": hi,
+                              "n_users": int(len(members)), "test": ev(members)})
     atomic_write_json(run_dir / "sparsity.json", out)
     return out
 

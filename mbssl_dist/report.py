@@ -291,7 +291,7 @@ def sparsity_section(runs: list[Run], out: Path) -> tuple[list[str], Path | None
     same = [d for d in docs if [g["label"] for g in d["groups"]] == labels]
     metrics = [m for m in METRIC_ORDER if m in docs[0]["groups"][0]["test"]] if labels else []
     lines = ["## Per user group by training purchases (sparsity)", "",
-             f"{docs[0]['grouping']}; model of each run's last checkpoint; {len(same)} run(s).", "",
+             f"{docs[0]['grouping']}; model: {docs[0].get('source', '?')} (epoch {docs[0].get('epoch')}); {len(same)} run(s).", "",
              "| purchases | test users | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     stats = []
     for j, lab in enumerate(labels):

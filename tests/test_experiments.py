@@ -211,15 +211,17 @@ def test_sparsity_groups_equal_brute_force():
     assert groups == [(0, 19), (20, 39), (40, 59), (60, 79), (80, 99)]
 
 
-def test_sparsity_metrics_from_the_last_checkpoint(env):
-    """Per-group metrics of the rebuilt model: all-users equals the trainer's last test record
-    (the rebuild is the trained model), each group equals the mean of its users evaluated one by
-    one, and the groups are the brute-force purchase-count groups."""
+def test_sparsity_metrics_of_the_trained_model(env):
+    """Per-group metrics of the saved model: all-users equals final.json's test (the model is
+    the best-validation one), each group equals the mean of its users evaluated one by one, and
+    the groups are the brute-force purchase-count groups. Without model/ the last checkpoint
+    is used and all-users equals the trainer's last test record."""
     import numpy as np
 
+    from mbssl_dist.config import load_config
     from mbssl_dist.data import load_prepared
     from mbssl_dist.data.cache import prepared_dir_for
-    from mbssl_dist.config import load_config
+    from mbssl_dist.evaluate import eval_masks, evaluate, heldout_sets
 
     tmp = env
     exp = E.Experiment("sparsity", None, base_sets(tmp, mlflow=False), seeds=1, processes=1, out=tmp / "exps",
@@ -227,34 +229,20 @@ def test_sparsity_metrics_from_the_last_checkpoint(env):
     assert E.run_grid(exp, E.grid("sparsity")) == 0
     run_dir = tmp / "exps" / "sparsity" / "mbssl" / "seed0"
     res = E.sparsity_metrics(run_dir)
-    last_test = [r for r in R.read_records(run_dir) if r["kind"] == "test"][-1]
-    assert res["checkpoint_epoch"] == 2
-    for k, v in res["all"].items():
-        assert v == pytest.approx(last_test[k], rel=1e-9), k
+    final = json.loads((run_dir / "final.json").read_text())
+    assert res["source"] == "model" and res["epoch"] == final["best_epoch"]
+    for k, v in final["test"].items():
+        assert res["all"][k] == pytest.approx(v, rel=1e-9), k
     cfg = load_config(run_dir / "config.toml")
     ds = load_prepared(prepared_dir_for(cfg.data))
     u_t, _ = ds.pairs(ds.n_behaviors - 1)
     counts = {}
     for u in u_t.tolist():
         counts[u] = counts.get(u, 0) + 1
-    held = __import__("mbssl_dist.evaluate", fromlist=["heldout_sets"]).heldout_sets(ds)["test"]
+    held = heldout_sets(ds)["test"]
     test_users = [u for u in range(ds.n_users) if held.indptr[u + 1] > held.indptr[u]]
     assert sum(g["n_users"] for g in res["groups"]) == len(test_users)
-    # per-user oracle for one group: the group metric is the mean of single-user metrics
-    from mbssl_dist.evaluate import eval_masks, evaluate
-
-    _, _, run, comm, _ = E.load_trained(run_dir)
-    import torch
-
-    run.model.eval()
-    with torch.no_grad():
-        prop = run.model(run.adjs, comm, None, keep_layers=False)
-    g2l = torch.from_numpy(run.part.global_to_local)
-
-    def score(users):
-        with torch.no_grad():
-            return run.model.score(prop, g2l[users]).cpu()
-
+    _, _, score, _ = E.trained_scorer(run_dir)
     mask = eval_masks(ds)["test"]
     for g in res["groups"]:
         members = [u for u in test_users if g["lo"] <= counts.get(u, 0) <= g["hi"]]
@@ -263,6 +251,13 @@ def test_sparsity_metrics_from_the_last_checkpoint(env):
         assert g["test"]["ndcg@50"] == pytest.approx(float(np.mean(per_user)), rel=1e-9)
     rep = R.write_report([str(tmp / "exps" / "sparsity")], tmp / "rep")
     assert "## Per user group" in rep.read_text() and (tmp / "rep" / "sparsity.png").is_file()
+
+    shutil.rmtree(run_dir / "model")
+    res = E.sparsity_metrics(run_dir)
+    last_test = [r for r in R.read_records(run_dir) if r["kind"] == "test"][-1]
+    assert res["source"] == "checkpoint" and res["epoch"] == last_test["epoch"] == 1
+    for k, v in res["all"].items():
+        assert v == pytest.approx(last_test[k], rel=1e-9), k
 
 
 def test_compare_baseline_points_are_recorded_like_runs(env):
