@@ -244,8 +244,13 @@ def run_grid(exp: Experiment, points: list[Point]) -> int:
                 run_name = f"{p.name}/seed{s}"
                 run_dir = exp.dir / p.name / f"seed{s}"
                 if p.kind == "baseline":
-                    ok = run_baseline(exp, p, s, base, run_dir, parent)
-                    failed += [] if ok else [run_name]
+                    try:
+                        run_baseline(exp, p, s, base, run_dir, parent)
+                    except (ConfigError, KeyboardInterrupt):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - one failed point must not stop the grid
+                        log.error("%s failed: %s: %s", run_name, type(e).__name__, e)
+                        failed.append(run_name)
                     continue
                 sets = exp.sets_for(p, s, base)
                 cfg = exp.resolved(sets)
