@@ -91,6 +91,23 @@ def split_params(flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return params, {k: v for k, v in flat.items() if k not in params}
 
 
+def parent_tags() -> dict[str, str]:
+    """Tags a launcher (``mbssl_dist.experiments``) hands a run through the environment:
+    ``MBSSL_MLFLOW_PARENT_RUN_ID`` nests this run under that MLflow run (tag
+    ``mlflow.parentRunId``) and ``MBSSL_MLFLOW_TAGS`` (a JSON object) adds e.g. the grid point."""
+    out = {}
+    parent = os.environ.get("MBSSL_MLFLOW_PARENT_RUN_ID", "")
+    if parent:
+        out["mlflow.parentRunId"] = parent
+    extra = os.environ.get("MBSSL_MLFLOW_TAGS", "")
+    if extra:
+        try:
+            out.update({str(k): str(v)[:5000] for k, v in json.loads(extra).items()})
+        except (ValueError, AttributeError):
+            log.warning("MBSSL_MLFLOW_TAGS is not a JSON object; ignored: %r", extra[:200])
+    return out
+
+
 class RunLogger:
     """Writes run outputs; a no-op on ranks other than the main one.
 
@@ -190,7 +207,7 @@ class RunLogger:
             if fresh:
                 enc = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()}
                 mlflow.log_params({k: str(v)[:6000] for k, v in enc.items()})
-            mlflow.set_tags({**{k: str(v)[:5000] for k, v in book.items()}, **tags,
+            mlflow.set_tags({**{k: str(v)[:5000] for k, v in book.items()}, **tags, **parent_tags(),
                              "resumed_from_step": str(resume.get("step", "")) if resume else ""})
             mlflow.log_artifact(str(self.out_dir / "config.toml"))
             if fresh:

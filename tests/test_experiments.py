@@ -1,0 +1,297 @@
+"""Experiment grids (mbssl_dist.experiments) and their report (mbssl_dist.report), on tiny
+synthetic data through the real trainer in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mbssl_dist import experiments as E
+from mbssl_dist import report as R
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.synthetic_users=120", "data.synthetic_items=80", "data.synthetic_clusters=4", "model.dim=8",
+        "model.n_layers=1", "train.batch_size=64", "train.lr=0.05", "train.threads=1", "swing.topn=10",
+        "swing.workers=1", "loss.fn_users=3", "loss.fn_items=3", "run.progress=false", "train.patience=0",
+        "train.eval_batch_size=256"]
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def base_sets(tmp: Path, mlflow: bool) -> list[str]:
+    return TINY + [f'data.cache_dir="{tmp / "cache"}"', f"run.mlflow={'true' if mlflow else 'false'}",
+                   f'run.tracking_uri="sqlite:///{tmp / "mlflow.db"}"', 'run.experiment="exp-test"']
+
+
+def starts(log: Path) -> int:
+    """How many times the experiment runner started this run (one header line per start)."""
+    return log.read_text().count("\n=== ") if log.is_file() else 0
+
+
+def finals(d: Path) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for f in sorted(d.glob("*/seed*/final.json")):
+        out.setdefault(f.parent.parent.name, []).append(json.loads(f.read_text()))
+    return out
+
+
+def test_grid_runs_resumes_a_killed_point_and_reports_its_finals(env):
+    tmp = env
+    exp = E.Experiment("grid", None, base_sets(tmp, mlflow=True), seeds=2, processes=1, out=tmp / "exps", epochs=2)
+    points = [E.Point("a"), E.Point("b", ["loss.use_intra=false"])]
+    assert E.run_grid(exp, points) == 0
+    d = tmp / "exps" / "grid"
+    runs = {(p, s): d / p / f"seed{s}" for p in "ab" for s in (0, 1)}
+    for r in runs.values():
+        assert json.loads((r / "final.json").read_text())["status"] == "FINISHED"
+    # seeds differ, so the two seeds of a point are two different runs
+    fa = finals(d)["a"]
+    assert fa[0]["test"] != fa[1]["test"]
+    logs = {k: d / "logs" / f"{k[0]}_seed{k[1]}.log" for k in runs}
+    assert all(starts(lg) == 1 for lg in logs.values())
+
+    # MLflow: one parent, four children nested under it, tagged with their point
+    meta = json.loads((d / "experiment.json").read_text())
+    parent = meta["mlflow_parent_run_id"]
+    con = sqlite3.connect(tmp / "mlflow.db")
+    kids = con.execute("select run_uuid from tags where key='mlflow.parentRunId' and value=?", (parent,)).fetchall()
+    assert len(kids) == 4
+    pts = sorted(v for (v,) in con.execute(
+        "select value from tags where key='mbssl.point' and run_uuid in (select run_uuid from tags where "
+        "key='mlflow.parentRunId' and value=?)", (parent,)))
+    assert pts == ["a", "a", "b", "b"]
+    con.close()
+
+    # make (b, seed1) look killed after its first epoch: no final.json, only the epoch-1 checkpoint
+    killed = runs[("b", 1)]
+    (killed / "final.json").unlink()
+    ck = sorted((killed / "checkpoints").glob("step-*"))
+    assert len(ck) == 2
+    shutil.rmtree(ck[-1])
+    mtimes = {k: (r / "final.json").stat().st_mtime_ns for k, r in runs.items() if k != ("b", 1)}
+    assert E.run_grid(exp, points) == 0
+    for k, r in runs.items():
+        assert json.loads((r / "final.json").read_text())["status"] == "FINISHED"
+        if k != ("b", 1):
+            assert (r / "final.json").stat().st_mtime_ns == mtimes[k], k
+            assert starts(logs[k]) == 1, k
+    assert starts(logs[("b", 1)]) == 2
+    assert "resuming from" in logs[("b", 1)].read_text()
+    assert json.loads((killed / "final.json").read_text())["epochs_run"] == 2
+
+    # the report's table equals mean/std of the final.json test metrics, computed here
+    rep = R.write_report([str(d)], tmp / "report")
+    md = rep.read_text()
+    summary = json.loads((tmp / "report" / "summary.json").read_text())
+    for point, fs in finals(d).items():
+        row = next(line for line in md.splitlines() if line.startswith(f"| {point} |"))
+        cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+        header = next(line for line in md.splitlines() if line.startswith("| point |"))
+        cols = [c.strip() for c in header.strip("|").split("|")]
+        for m in ("recall@10", "ndcg@10", "recall@50", "ndcg@50"):
+            xs = [f["test"][m] for f in fs]
+            mu, sd = statistics.mean(xs), statistics.stdev(xs)
+            assert summary["test"][point][m][:2] == pytest.approx([mu, sd], rel=1e-12, abs=1e-15)
+            assert cells[cols.index(m)] == f"{mu:.4f} ± {sd:.4f}"
+    # the best mean of each column is bold, and only that one
+    for m in ("recall@10", "ndcg@50"):
+        means = {p: statistics.mean(f["test"][m] for f in fs) for p, fs in finals(d).items()}
+        best = max(means, key=means.get)
+        col = cols.index(m)
+        for p in means:
+            row = next(line for line in md.splitlines() if line.startswith(f"| {p} |"))
+            assert row.strip("|").split("|")[col].strip().startswith("**") == (p == best)
+    for png in ("valid_curves.png", "loss_curves.png"):
+        assert (tmp / "report" / png).stat().st_size > 1000
+    assert "hmg_norm_ratio.png" in md  # the HMG statistics of metrics.jsonl
+    arts = list((tmp / "mlartifacts").rglob("report/report.md"))
+    assert len(arts) == 1  # logged to the parent run
+
+
+def test_changed_grid_under_same_out_is_refused(env):
+    tmp = env
+    sets = base_sets(tmp, mlflow=False)
+    exp = E.Experiment("g", None, sets, seeds=1, processes=1, out=tmp / "exps", epochs=1)
+    assert E.run_grid(exp, [E.Point("a")]) == 0
+    exp2 = E.Experiment("g", None, sets + ["model.dim=4"], seeds=1, processes=1, out=tmp / "exps", epochs=1)
+    with pytest.raises(E.ConfigError, match="model.dim"):
+        E.run_grid(exp2, [E.Point("a")])
+
+
+def test_grids_name_real_config_fields():
+    """Every override of every named grid is a valid config (fields and values exist)."""
+    from mbssl_dist.config import load_config
+
+    for name in ("ablation", "hmg", "relax-sweep", "fn-sweep", "compare"):
+        for p in E.grid(name):
+            load_config(None, p.overrides)
+    assert [p.value for p in E.grid("relax-sweep")] == pytest.approx([i / 10 for i in range(11)])
+    assert {p.overrides[0] for p in E.grid("hmg")} == {f'hmg.strategy="{s}"' for s in ("hmg", "A", "B", "C", "none")}
+
+
+def test_cli_bad_input_is_one_line_exit_2(env, tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text('[space]\n"train.nope" = {low = 1, high = 2}\n')
+    cmd = [sys.executable, "-m", "mbssl_dist.experiments", "search", "--data", "synthetic", "--space", str(space),
+           "--out", str(tmp_path / "x")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "train.nope" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "mbssl_dist.experiments", "ablation", "--data", str(tmp_path / "no.toml")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no.toml" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_optuna_search_resumes_from_its_sqlite_study(env):
+    import optuna
+
+    tmp = env
+    space = tmp / "space.toml"
+    space.write_text('[space]\n"train.lr" = {low = 1e-3, high = 1e-1, log = true}\n"model.dim" = {choices = [4, 8]}\n')
+    exp = E.Experiment("search", None, base_sets(tmp, mlflow=False), seeds=1, processes=1, out=tmp / "exps", epochs=2)
+    assert E.run_search(exp, str(space), 2) == 0
+    d = tmp / "exps" / "search"
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{d / 'study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    first = {t.number: t.value for t in study.trials}
+    assert E.run_search(exp, str(space), 3) == 0
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{d / 'study.db'}")
+    assert len(study.trials) == 3
+    assert {t.number: t.value for t in study.trials[:2]} == first
+    assert [starts(d / "logs" / f"trial{i:04d}.log") for i in range(3)] == [1, 1, 1]
+    # each trial's value is its run's validation metric, and per-epoch values were reported;
+    # a pruned trial's training was stopped (SIGTERM: recorded KILLED by the trainer)
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.PRUNED:
+            f = json.loads((d / f"trial{t.number:04d}" / "seed0" / "final.json").read_text())
+            assert f["status"] == "KILLED" and len(t.intermediate_values) >= 1
+        f = json.loads((d / f"trial{t.number:04d}" / "seed0" / "final.json").read_text()) \
+            if t.state == optuna.trial.TrialState.COMPLETE else None
+        if f:
+            assert t.value == f["valid"]["recall@10"]
+            assert set(t.intermediate_values) == {0, 1}
+            cfg = (d / f"trial{t.number:04d}" / "seed0" / "config.toml").read_text()
+            assert re.search(rf"^lr = {re.escape(repr(t.params['train.lr']))}$", cfg, re.M)
+
+
+def test_sparsity_groups_equal_brute_force():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        counts = rng.integers(0, rng.integers(1, 30), size=rng.integers(1, 60))
+        users = np.flatnonzero(rng.random(len(counts)) < 0.7)
+        groups = E.sparsity_groups(counts, users, 5)
+        if len(users) == 0:
+            assert groups == []
+            continue
+        # brute force: every test user in exactly one range; ranges ordered, contiguous, cover min..max
+        for u in users:
+            assert sum(lo <= counts[u] <= hi for lo, hi in groups) == 1
+        assert groups[0][0] == counts[users].min() and groups[-1][1] == counts[users].max()
+        assert all(a[1] + 1 == b[0] for a, b in zip(groups, groups[1:]))
+        assert 1 <= len(groups) <= 5
+        # with distinct counts and n divisible by 5 the groups have equal size
+    counts = np.arange(100)
+    groups = E.sparsity_groups(counts, np.arange(100), 5)
+    assert groups == [(0, 19), (20, 39), (40, 59), (60, 79), (80, 99)]
+
+
+def test_sparsity_metrics_of_the_trained_model(env):
+    """Per-group metrics of the saved model: all-users equals final.json's test (the model is
+    the best-validation one), each group equals the mean of its users evaluated one by one, and
+    the groups are the brute-force purchase-count groups. Without model/ the last checkpoint
+    is used and all-users equals the trainer's last test record."""
+    import numpy as np
+
+    from mbssl_dist.config import load_config
+    from mbssl_dist.data import load_prepared
+    from mbssl_dist.data.cache import prepared_dir_for
+    from mbssl_dist.evaluate import eval_masks, evaluate, heldout_sets
+
+    tmp = env
+    exp = E.Experiment("sparsity", None, base_sets(tmp, mlflow=False), seeds=1, processes=1, out=tmp / "exps",
+                       epochs=2)
+    assert E.run_grid(exp, E.grid("sparsity")) == 0
+    run_dir = tmp / "exps" / "sparsity" / "mbssl" / "seed0"
+    res = E.sparsity_metrics(run_dir)
+    final = json.loads((run_dir / "final.json").read_text())
+    assert res["source"] == "model" and res["epoch"] == final["best_epoch"]
+    for k, v in final["test"].items():
+        assert res["all"][k] == pytest.approx(v, rel=1e-9), k
+    cfg = load_config(run_dir / "config.toml")
+    ds = load_prepared(prepared_dir_for(cfg.data))
+    u_t, _ = ds.pairs(ds.n_behaviors - 1)
+    counts = {}
+    for u in u_t.tolist():
+        counts[u] = counts.get(u, 0) + 1
+    held = heldout_sets(ds)["test"]
+    test_users = [u for u in range(ds.n_users) if held.indptr[u + 1] > held.indptr[u]]
+    assert sum(g["n_users"] for g in res["groups"]) == len(test_users)
+    _, _, score, _ = E.trained_scorer(run_dir)
+    mask = eval_masks(ds)["test"]
+    for g in res["groups"]:
+        members = [u for u in test_users if g["lo"] <= counts.get(u, 0) <= g["hi"]]
+        assert len(members) == g["n_users"]
+        per_user = [evaluate(score, np.array([u]), held, mask, ks=cfg.train.ks)["ndcg@50"] for u in members]
+        assert g["test"]["ndcg@50"] == pytest.approx(float(np.mean(per_user)), rel=1e-9)
+    rep = R.write_report([str(tmp / "exps" / "sparsity")], tmp / "rep")
+    assert "## Per user group" in rep.read_text() and (tmp / "rep" / "sparsity.png").is_file()
+
+    shutil.rmtree(run_dir / "model")
+    res = E.sparsity_metrics(run_dir)
+    last_test = [r for r in R.read_records(run_dir) if r["kind"] == "test"][-1]
+    assert res["source"] == "checkpoint" and res["epoch"] == last_test["epoch"] == 1
+    for k, v in res["all"].items():
+        assert v == pytest.approx(last_test[k], rel=1e-9), k
+
+
+def test_compare_baseline_points_are_recorded_like_runs(env):
+    """A baseline grid point (no subprocess) writes final.json with the evaluator's metrics,
+    an MLflow child run under the parent, and is skipped when rerun."""
+    from mbssl_dist.baselines import run_baselines
+    from mbssl_dist.config import load_config
+    from mbssl_dist.data import load_prepared
+    from mbssl_dist.data.cache import prepared_dir_for
+
+    tmp = env
+    exp = E.Experiment("compare", None, base_sets(tmp, mlflow=True), seeds=1, processes=1, out=tmp / "exps")
+    pts = [p for p in E.grid("compare") if p.name in ("popularity", "aux_popularity")]
+    assert E.run_grid(exp, pts) == 0
+    d = tmp / "exps" / "compare"
+    ds = load_prepared(prepared_dir_for(load_config(None, base_sets(tmp, True)).data))
+    direct = run_baselines(ds, ["popularity", "aux_popularity"], ks=[10, 50])
+    for name in ("popularity", "aux_popularity"):
+        f = json.loads((d / name / "seed0" / "final.json").read_text())
+        assert f["status"] == "FINISHED"
+        assert f["test"] == {k: v for k, v in direct[name]["test"].items() if k != "n_users"}
+    mtime = (d / "popularity" / "seed0" / "final.json").stat().st_mtime_ns
+    assert E.run_grid(exp, pts) == 0
+    assert (d / "popularity" / "seed0" / "final.json").stat().st_mtime_ns == mtime
+    parent = json.loads((d / "experiment.json").read_text())["mlflow_parent_run_id"]
+    con = sqlite3.connect(tmp / "mlflow.db")
+    n = con.execute("select count(*) from tags where key='mlflow.parentRunId' and value=?", (parent,)).fetchone()[0]
+    assert n == 2
+
+
+def test_processes_runs_each_point_under_torchrun(env):
+    tmp = env
+    exp = E.Experiment("tr", None, base_sets(tmp, mlflow=False) + ['dist.collectives="gloo"'], seeds=1, processes=2,
+                       out=tmp / "exps", epochs=1)
+    assert E.run_grid(exp, [E.Point("a")]) == 0
+    f = json.loads((tmp / "exps" / "tr" / "a" / "seed0" / "final.json").read_text())
+    assert f["status"] == "FINISHED" and f["world_size"] == 2
