@@ -178,7 +178,9 @@ def test_optuna_search_resumes_from_its_sqlite_study(env):
     for t in study.trials:
         if t.state == optuna.trial.TrialState.PRUNED:
             f = json.loads((d / f"trial{t.number:04d}" / "seed0" / "final.json").read_text())
-            assert f["status"] == "KILLED" and len(t.intermediate_values) >= 1
+            # KILLED when the SIGTERM arrived while it trained; FINISHED when its last epoch was
+            # already done by then (a race on an idle machine: 2 epochs of a tiny model)
+            assert f["status"] in ("KILLED", "FINISHED") and len(t.intermediate_values) >= 1
         f = json.loads((d / f"trial{t.number:04d}" / "seed0" / "final.json").read_text()) \
             if t.state == optuna.trial.TrialState.COMPLETE else None
         if f:
