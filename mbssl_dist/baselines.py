@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .graph.multigraph import BehaviorGraph
+from .tracking import connect
 
 log = logging.getLogger(__name__)
 
@@ -343,25 +344,6 @@ def run_baselines(ds, which: Sequence[str] = BASELINES, ks: Sequence[int] = (10,
     return out
 
 
-def _mlflow_setup(tracking_uri: str, experiment: str):
-    """MLflow with the trainer's defaults (tracking.RunLogger): ``tracking_uri``, else
-    $MLFLOW_TRACKING_URI, else ``sqlite:///mlflow.db`` in the working directory, artifacts beside
-    the database; the experiment is created when missing."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-    from pathlib import Path
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        art = None
-        if uri.startswith("sqlite:///"):
-            art = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-        mlflow.create_experiment(experiment, artifact_location=art)
-    mlflow.set_experiment(experiment)
-    return mlflow
-
-
 def log_baselines_to_mlflow(results: dict, ds, data: str, ks: Sequence[int], tracking_uri: str = "",
                             experiment: str = "mbssl", results_file: str | None = None) -> dict[str, str]:
     """One MLflow run per baseline in ``experiment`` (run name = the baseline's name), with the
@@ -371,7 +353,7 @@ def log_baselines_to_mlflow(results: dict, ds, data: str, ks: Sequence[int], tra
     per epoch. Bookkeeping (dataset path, checksum, kind) goes to tags. Returns name -> run id."""
     from .tracking import git_commit, mlflow_name
 
-    mlflow = _mlflow_setup(tracking_uri, experiment)
+    mlflow, _ = connect(tracking_uri, experiment)
     ids = {}
     for name, rec in results.items():
         with mlflow.start_run(run_name=name) as run:

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import tracking
 from .config import Config, ConfigError, apply_overrides, from_dict, load_config
 from .utils.io import atomic_write_json
 
@@ -87,16 +88,14 @@ def grid(name: str) -> list[Point]:
 
 def tracking_uri(cfg: Config) -> str:
     """The same store the trainer's RunLogger uses for this config."""
-    return cfg.run.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return tracking.tracking_uri(cfg.run.tracking_uri)
 
 
 def parent_run(cfg: Config, exp_name: str, previous: str | None, tags: dict[str, str]) -> str | None:
     """Create (or reuse, on a rerun) the experiment's parent MLflow run; returns its id."""
     if not cfg.run.mlflow:
         return None
-    from .tracking import RunLogger
-
-    mlflow, _ = RunLogger(Path("."), False, True, cfg.run.tracking_uri, cfg.run.experiment, exp_name)._connect()
+    mlflow, _ = tracking.connect(cfg.run.tracking_uri, cfg.run.experiment)
     client = mlflow.MlflowClient()
     if previous:
         try:

@@ -108,6 +108,30 @@ def parent_tags() -> dict[str, str]:
     return out
 
 
+def tracking_uri(uri: str = "") -> str:
+    """The store every command of this project uses: ``uri``, else $MLFLOW_TRACKING_URI, else
+    ``sqlite:///mlflow.db`` in the working directory."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def connect(uri: str, experiment: str):
+    """Point MLflow at :func:`tracking_uri` ``(uri)`` and select ``experiment``, creating it
+    with its artifacts beside a SQLite database (``sqlite:///x/mlflow.db`` -> ``x/mlartifacts``)
+    so the store is one self-contained folder. Returns (mlflow, the resolved uri)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        art = None
+        if uri.startswith("sqlite:///"):
+            art = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        mlflow.create_experiment(experiment, artifact_location=art)
+    mlflow.set_experiment(experiment)
+    return mlflow, uri
+
+
 class RunLogger:
     """Writes run outputs; a no-op on ranks other than the main one.
 
@@ -139,19 +163,7 @@ class RunLogger:
         self.timings_path = self.out_dir / "timings.jsonl"
 
     def _connect(self):
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        import mlflow
-
-        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-        mlflow.set_tracking_uri(uri)
-        if mlflow.get_experiment_by_name(self.experiment) is None:
-            art = None
-            if uri.startswith("sqlite:///"):
-                # artifacts beside the database: sqlite:///x/mlflow.db -> x/mlartifacts
-                art = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-            mlflow.create_experiment(self.experiment, artifact_location=art)
-        mlflow.set_experiment(self.experiment)
-        return mlflow, uri
+        return connect(self.tracking_uri, self.experiment)
 
     def previous(self) -> dict:
         """The run.json a previous attempt left in this directory ({} if none)."""

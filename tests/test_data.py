@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -294,4 +295,7 @@ def test_valid_aux_mirrors_test_construction(tmp_path):
     (d / "buy.txt").write_text("0 1 2\n1 2 3\n")
     auto = prepare_text(d, tmp_path / "c", seed=0)
     assert auto.manifest["validation"]["aux_interactions_on_valid_pairs"] == "kept"
-    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o755
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o777 & ~mask  # an ordinary directory, not mkdtemp's 0700
+    assert (tmp_path / "c" / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~mask  # files too (not 0600)
