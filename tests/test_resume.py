@@ -271,6 +271,25 @@ def test_checkpoint_at_two_ranks_resumes_at_one_and_three(p2_runs):
     assert final(to1)["world_size"] == 1 and final(to3)["world_size"] == 3
 
 
+def test_two_ranks_skip_a_damaged_checkpoint_the_main_rank_verified(p2_runs):
+    """At P = 2 only the main rank hashes the files (CheckpointManager.latest_usable); both
+    ranks must still agree on the older checkpoint and continue to the uninterrupted result."""
+    import shutil
+
+    tmp, full, half = p2_runs
+    shutil.copytree(half, tmp / "runs" / "dmg")
+    newest = sorted((tmp / "runs" / "dmg" / "checkpoints").glob("step-*"))[-1]
+    f = sorted(newest.glob("*.distcp"))[-1]  # the file the second rank wrote
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    f.write_bytes(bytes(b))
+    p = subprocess.run(torchrun_cmd(tmp, "dmg", MULTI, 2), cwd=tmp, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "skipping damaged checkpoint" in p.stderr and f.name in p.stderr
+    assert_same_run(full, tmp / "runs" / "dmg", rtol=1e-5)
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():

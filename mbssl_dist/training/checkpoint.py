@@ -31,7 +31,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,7 @@ class ShardedRows:
         self.comm = comm
         self.lo, self.hi = chunk_bounds(self.n, comm.world_size, comm.rank)
         self._mesh = None
+        self._gids: torch.Tensor | None = None  # every rank's global ids in rank order (gathered once)
 
     def _full(self, local: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -81,9 +82,32 @@ class ShardedRows:
         full[gids] = rows
         return full
 
+    def to_chunks(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's contiguous chunk of each of ``tensors`` (local rows, equal dtype): ONE
+        all-gather for all of them (the rows stacked side by side; the ids are gathered once per
+        object), where one per tensor and per save cost 2·3 collectives for a parameter and
+        its two Adam moments."""
+        if not tensors:
+            return []
+        with torch.no_grad():
+            n_loc = self.users.numel()
+            flat = torch.cat([t.detach().reshape(n_loc, -1) for t in tensors], 1)
+            if self._gids is None:
+                self._gids = self.comm.all_gather_cat(self.users)
+            rows = self.comm.all_gather_cat(flat.contiguous())
+            full = flat.new_zeros((self.n, flat.shape[1]))
+            full[self._gids] = rows
+            chunk = full[self.lo:self.hi]
+        out, col = [], 0
+        for t in tensors:
+            w = int(np.prod(t.shape[1:], dtype=np.int64))
+            out.append(chunk[:, col:col + w].reshape((self.hi - self.lo,) + tuple(t.shape[1:])).clone())
+            col += w
+        return out
+
     def to_chunk(self, local: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous chunk of the global rows (one all-gather)."""
-        return self._full(local, self.users)[self.lo:self.hi].clone()
+        return self.to_chunks([local])[0]
 
     def from_chunk(self, chunk: torch.Tensor) -> torch.Tensor:
         """This rank's rows (in local order) from every rank's chunk (one all-gather)."""
@@ -173,10 +197,7 @@ class CheckpointManager:
     def verify(self, path: Path) -> dict:
         """trainer.json of ``path`` after checking every listed file's size and sha256."""
         doc_path = path / "trainer.json"
-        try:
-            doc = json.loads(doc_path.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{doc_path}: unreadable checkpoint state ({e})") from None
+        doc = self._read_doc(path)
         if doc.get("format") != FORMAT:
             raise CheckpointError(f"{doc_path}: checkpoint format {doc.get('format')!r}, this code reads {FORMAT}")
         for fname, (size, digest) in doc["files"].items():
@@ -192,19 +213,43 @@ class CheckpointManager:
     def latest_usable(self) -> tuple[Path, dict] | None:
         """The newest checkpoint that verifies; older ones are tried when a newer one is
         damaged (each skip is logged with the file at fault). Raises when checkpoints exist
-        but none is usable: a damaged run never silently restarts from scratch."""
+        but none is usable: a damaged run never silently restarts from scratch. Collective:
+        the main rank reads and hashes the files (once, not once per rank) and broadcasts its
+        choice; the other ranks then read only that checkpoint's trainer.json."""
+        choice, errors = -1, []
         found = self.complete()
-        errors = []
-        for path in reversed(found):
-            try:
-                return path, self.verify(path)
-            except CheckpointError as e:
-                log.warning("skipping damaged checkpoint: %s", e)
-                errors.append(str(e))
-        if found:
-            raise CheckpointError(f"no usable checkpoint in {self.root}: {errors[0]} (run.resume = \"never\" "
+        if self.comm.is_main:
+            for i in reversed(range(len(found))):
+                try:
+                    self.verify(found[i])
+                    choice = i
+                    break
+                except CheckpointError as e:
+                    log.warning("skipping damaged checkpoint: %s", e)
+                    errors.append(str(e))
+            if choice < 0 and found:
+                choice = -2
+        if self.comm.world_size > 1:
+            t = torch.tensor([choice, int(_NAME.match(found[choice].name).group(1)) if choice >= 0 else -1])
+            choice, step = self.comm.broadcast_(t, 0).tolist()
+            if choice >= 0:  # by name: this rank's listing may differ only in what it cannot see yet
+                path = self.root / f"step-{step:09d}"
+                return path, self._read_doc(path)
+        if choice == -2:
+            detail = errors[0] if errors else "see the main rank's log"
+            raise CheckpointError(f"no usable checkpoint in {self.root}: {detail} (run.resume = \"never\" "
                                   f"starts over)")
-        return None
+        if choice < 0:
+            return None
+        return found[choice], self._read_doc(found[choice])
+
+    @staticmethod
+    def _read_doc(path: Path) -> dict:
+        doc_path = path / "trainer.json"
+        try:
+            return json.loads(doc_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{doc_path}: unreadable checkpoint state ({e})") from None
 
     def load(self, path: Path, tensors: dict[str, Any]) -> None:
         """Fill ``tensors`` (same keys and shapes as saved, DTensors for sharded rows) in place."""
@@ -232,10 +277,12 @@ def state_tensors(model, step, rows: ShardedRows) -> dict[str, Any]:
     for name, p, sharded in zip(_param_names(model), step.params, step.sharded):
         entries = {"param": p.detach()}
         entries.update({k: v for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)})
+        rowwise = [k for k, t in entries.items() if sharded and t.dim() and t.shape[0] == p.shape[0]
+                   and t.dtype == p.dtype]
+        for k, c in zip(rowwise, rows.to_chunks([entries[k] for k in rowwise])):
+            out[f"{k}/{name}"] = rows.wrap(c, tuple(c.shape[1:]))
         for k, t in entries.items():
-            if sharded and t.dim() and t.shape[0] == p.shape[0]:
-                out[f"{k}/{name}"] = rows.wrap(rows.to_chunk(t), tuple(t.shape[1:]))
-            else:
+            if k not in rowwise:
                 out[f"{k}/{name}"] = t.detach().clone()
     if hmg.ema is not None:
         out["hmg/ema"] = hmg.ema.clone()
