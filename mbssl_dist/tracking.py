@@ -153,6 +153,7 @@ class RunLogger:
         self.run_name = run_name
         self.run_id: str | None = None
         self._mlflow = None
+        self._logged: set[tuple[str, int]] = set()  # (key, step) already in a continued MLflow run
         self._lock = None
         self._finished = False
         if not enabled:
@@ -225,6 +226,8 @@ class RunLogger:
             if fresh:
                 for r in self.records:  # a new MLflow run for a resumed directory: replay its history
                     self._log_metrics(r, None)
+            else:
+                self._logged = _logged_points(mlflow.MlflowClient(), self.run_id)
         self._write_run_json("RUNNING")
 
     def state_dict(self) -> dict:
@@ -259,8 +262,7 @@ class RunLogger:
         if self._mlflow:
             vals = {mlflow_name(f"time/{rec['kind']}/{k}"): float(v) for k, v in rec.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step")}
-            if vals:
-                self._mlflow.log_metrics(vals, step=int(rec.get("step", 0)))
+            self._log_new(vals, int(rec.get("step", 0)))
 
     def _log_metrics(self, rec: dict, timing: dict | None, step: int | None = None) -> None:
         prefix = rec.get("kind", "")
@@ -270,8 +272,17 @@ class RunLogger:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step") \
                     and math.isfinite(v):
                 metrics[mlflow_name(f"{prefix}/{k}" if prefix else k)] = float(v)
+        self._log_new(metrics, step if step is not None else rec.get("epoch", 0))
+
+    def _log_new(self, metrics: dict[str, float], step: int) -> None:
+        """log_metrics, minus the (key, step) points a killed attempt of this MLflow run already
+        logged: a resumed run redoes the steps after its checkpoint with the same values (same
+        seed), and MLflow has no way to delete a point, so re-logging them would draw every
+        redone epoch twice in the UI."""
+        if self._logged:
+            metrics = {k: v for k, v in metrics.items() if (k, int(step)) not in self._logged}
         if metrics:
-            self._mlflow.log_metrics(metrics, step=step if step is not None else rec.get("epoch", 0))
+            self._mlflow.log_metrics(metrics, step=int(step))
 
     def finish(self, final: dict, status: str = "FINISHED") -> None:
         """Write final.json (with ``status``), log it, end the MLflow run with ``status``
@@ -333,6 +344,12 @@ class RunLogger:
         plt.close(fig)
         os.replace(tmp, out)
         return out
+
+
+def _logged_points(client, run_id: str) -> set[tuple[str, int]]:
+    """Every (metric key, step) already in MLflow run ``run_id``."""
+    keys = client.get_run(run_id).data.metrics.keys()
+    return {(k, int(m.step)) for k in keys for m in client.get_metric_history(run_id, k)}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -210,6 +210,35 @@ def test_a_run_that_raises_is_failed_everywhere(tmp_path, monkeypatch):
     assert _mlflow_status(tmp_path / "mlflow.db") == ["FINISHED"]
 
 
+def test_a_resumed_mlflow_run_holds_each_redone_epoch_once(tmp_path, monkeypatch):
+    """Killed after epoch 2 with the newest checkpoint after epoch 1: the rerun redoes epoch 2
+    in the same MLflow run; its points must not appear twice (MLflow cannot delete a point)."""
+    from mbssl_dist.model import TrainStep
+
+    orig = TrainStep.__call__
+    calls = {"n": 0}
+
+    def boom(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 18:  # inside epoch 3 (5 steps per epoch)
+            raise RuntimeError("node lost")
+        return orig(self, *a, **k)
+
+    extra = ["train.epochs=4", "checkpoint.every_epochs=2"]
+    monkeypatch.setattr(TrainStep, "__call__", boom)
+    with pytest.raises(RuntimeError, match="node lost"):
+        main(args_for(tmp_path, "m", extra, mlflow=True))
+    monkeypatch.setattr(TrainStep, "__call__", orig)
+    assert main(args_for(tmp_path, "m", extra, mlflow=True)) == 0
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    dup = con.execute("select key, step, count(*) from metrics group by run_uuid, key, step having count(*) > 1").fetchall()
+    assert dup == []
+    hist = con.execute("select step, value from metrics where key = 'valid/recall_10' order by step").fetchall()
+    jl = [(r["epoch"], r["recall@10"]) for r in records(tmp_path / "runs" / "m") if r["kind"] == "valid"]
+    assert len(hist) == len(jl) == 4 and [h[0] for h in hist] == [e for e, _ in jl]
+    assert [h[1] for h in hist] == pytest.approx([v for _, v in jl], rel=1e-12)
+
+
 def test_sigterm_is_killed_and_sigkill_is_marked_on_the_next_start(tmp_path):
     cmd = [sys.executable, "-m", "mbssl_dist.train",
            *args_for(tmp_path, "s", ["train.epochs=400", "checkpoint.every_epochs=1"], mlflow=True)]
