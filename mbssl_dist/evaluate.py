@@ -291,7 +291,9 @@ def main(argv=None) -> int:
     threads), prints a JSON object with the metrics and whether they equal ``final.json``'s
     (test at the best validation epoch) and ``model.json``'s. Bit-identical when run with the
     training's number of processes (``final.json`` ``world_size``; under torchrun for P > 1).
-    ``--check`` exits 1 when they differ. Bad input: one line on stderr, exit 2.
+    ``--check`` exits 1 when they differ: exactly at the training's world size, by more than
+    ``--rtol`` (default 1e-4) relative at another one, where the sums run in another order.
+    The output gives the largest relative difference. Bad input: one line on stderr, exit 2.
     """
     import argparse
     import json
@@ -307,6 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="prepared dataset directory, if it moved since training (checksum-checked)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the run's train.threads)")
     p.add_argument("--check", action="store_true", help="exit 1 unless the metrics equal final.json's")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="relative tolerance of --check (default: 0 at the training's world size, 1e-4 at another)")
     args = p.parse_args(argv)
 
     from .export import ModelError, Scoring, open_dataset, read_model_dir, run_model_dir
@@ -324,7 +328,9 @@ def main(argv=None) -> int:
         comm, device = init_distributed("cpu", cfg.dist.collectives)
         logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING,
                             format=f"%(asctime)s [rank {comm.rank}] %(levelname)s %(name)s: %(message)s", force=True)
-        if comm.world_size != art.meta.get("trained_world_size", comm.world_size):
+        other_world = comm.world_size != art.meta.get("trained_world_size", comm.world_size)
+        rtol = args.rtol if args.rtol is not None else (1e-4 if other_world else 0.0)
+        if other_world:
             log.warning("trained with %s processes, evaluating with %d: the propagation sums in another order, "
                         "so metrics may differ in the last digits", art.meta.get("trained_world_size"), comm.world_size)
         sc = Scoring(art, ds, comm, device, propagate=False)
@@ -337,15 +343,21 @@ def main(argv=None) -> int:
         final = json.loads(final_path.read_text()) if final_path.is_file() else {}
         out = {"run": str(args.run), "best_epoch": art.meta["best_epoch"], "world_size": comm.world_size}
         same = True
+        worst = 0.0
         for ph in phases:
             got = {k: v for k, v in res[ph].items() if k != "n_users"}
             out[ph] = {**got, "n_users": res[ph]["n_users"]}
             for src, ref in (("final.json", final.get(ph)), ("model.json", art.meta.get(ph))):
                 if ref is None:
                     continue
-                eq = got == {k: ref.get(k) for k in got}
+                rel = [abs(v - ref[k]) / max(abs(ref[k]), 1e-12) if isinstance(ref.get(k), (int, float)) else
+                       float("inf") for k, v in got.items()]
+                worst = max([worst] + rel)
+                eq = all(r <= rtol for r in rel) if rtol else got == {k: ref.get(k) for k in got}
                 out.setdefault("equal", {})[f"{ph} vs {src}"] = eq
                 same &= eq
+        out["max_relative_difference"] = worst
+        out["rtol"] = rtol
         if final and final.get("best_epoch") != art.meta["best_epoch"]:
             out["note"] = (f"final.json's best_epoch {final.get('best_epoch')} is not the saved model's "
                            f"{art.meta['best_epoch']} (a run still in progress or an older model/)")

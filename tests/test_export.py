@@ -349,7 +349,7 @@ def test_table_dataset_gives_original_ids(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-def test_two_ranks_save_evaluate_and_recommend_like_one(tmp_path):
+def test_two_ranks_save_evaluate_and_recommend_like_one(tmp_path, capsys):
     """Trained at P=2 under torchrun: weights.pt holds the users in global order (= the P=1
     run's to 1e-5), evaluate at P=2 reproduces final.json exactly, and 2-rank recommend equals
     1-rank recommend (one file, the same lists)."""
@@ -384,6 +384,12 @@ def test_two_ranks_save_evaluate_and_recommend_like_one(tmp_path):
     final = json.loads((two / "final.json").read_text())
     for ph in ("valid", "test"):
         assert {k: v for k, v in res[ph].items() if k != "n_users"} == final[ph]
+    assert res["rtol"] == 0.0 and res["max_relative_difference"] == 0.0
+    # one process re-evaluating the 2-process model: --check within its 1e-4 default tolerance
+    capsys.readouterr()
+    assert evaluate_main(["--run", str(two), "--check"]) == 0
+    res1 = json.loads(capsys.readouterr().out)
+    assert res1["rtol"] == 1e-4 and res1["max_relative_difference"] <= 1e-4
     f1, f2 = tmp_path / "r1.parquet", tmp_path / "r2.parquet"
     assert recommend_main(["--run", str(two), "--k", "10", "--out", str(f1)]) == 0
     torchrun("mbssl_dist.recommend", ["--run-dir", str(two), "--k", "10", "--out", str(f2), "--batch-size", "50"])
