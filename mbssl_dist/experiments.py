@@ -6,7 +6,8 @@ The paper's experiments as one command each. NAME is one of
 * ``hmg``: HMG strategies hmg, A, B, C, none (Table 4);
 * ``fn-sweep``: false-negative count N for users and items (Fig 4);
 * ``relax-sweep``: HMG relax factor r in 0, 0.1, ..., 1 (Fig 5);
-* ``compare``: the MBSSL config against the in-harness baselines (Table 2 shape);
+* ``compare``: the MBSSL config and the built-in default recipe on the same data against the
+  in-harness baselines (Table 2 shape);
 * ``sparsity``: test metrics per user group by number of training purchases (Fig 3), from one
   trained model per seed (its saved best-validation model; ``sparsity.json`` per run);
 * ``search``: an Optuna TPE search over a TOML search space (``--space FILE``), pruned on the
@@ -57,7 +58,7 @@ class Point:
     name: str
     overrides: list[str] = field(default_factory=list)
     value: float | None = None
-    kind: str = "mbssl"  # or "baseline"
+    kind: str = "mbssl"  # "mbssl": the --data config; "defaults": the built-in defaults on its data; "baseline"
 
 
 def grid(name: str) -> list[Point]:
@@ -79,7 +80,10 @@ def grid(name: str) -> list[Point]:
     if name == "compare":
         from .baselines import BASELINES
 
-        return [Point("mbssl")] + [Point(b, kind="baseline") for b in BASELINES]
+        # MBSSL as configured (e.g. a paper-faithful config), MBSSL with the built-in default
+        # recipe on the same data, then the in-harness baselines
+        return [Point("mbssl"), Point("mbssl_defaults", kind="defaults")] + \
+            [Point(b, kind="baseline") for b in BASELINES]
     raise ConfigError(f"unknown experiment {name!r}; choose from {list(EXPERIMENTS)}")
 
 
@@ -202,8 +206,34 @@ class Experiment:
                  f"train.seed={base.train.seed + seed_index}"]
         return sets
 
-    def resolved(self, sets: list[str]) -> Config:
-        return load_config(self.config, sets)
+    def resolved(self, sets: list[str], point: Point | None = None) -> Config:
+        return load_config(self.config_for(point), sets)
+
+    def config_for(self, point: Point | None) -> str | None:
+        return None if point is not None and point.kind == "defaults" else self.config
+
+    def defaults_sets(self, point: Point, seed_index: int, base: Config) -> list[str]:
+        """--set list of a "defaults" point: no config file, only what says where the data, the
+        outputs and the hardware are (sections data, run, checkpoint, dist; train.threads and
+        --epochs) taken from the resolved base config; every hyperparameter is the built-in one."""
+        raw = base.to_dict()
+        sets = [f"{sec}.{k}={_toml_value(v)}" for sec in ("data", "run", "checkpoint", "dist")
+                for k, v in raw.get(sec, {}).items() if v is not None]
+        if raw.get("train", {}).get("threads") is not None:
+            sets.append(f"train.threads={raw['train']['threads']}")
+        if self.epochs is not None:
+            sets.append(f"train.epochs={self.epochs}")
+        return sets + [f'run.name="{point.name}/seed{seed_index}"', f'run.output_dir="{self.dir}"',
+                       f"train.seed={load_config(None).train.seed + seed_index}"]
+
+
+def _toml_value(v: Any) -> str:
+    """A config value as the right-hand side of ``--set`` (TOML)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)  # strings and lists of numbers/strings: JSON's syntax is TOML's here
 
 
 def check_reusable(run_dir: Path, cfg: Config) -> bool:
@@ -251,8 +281,8 @@ def run_grid(exp: Experiment, points: list[Point]) -> int:
                         log.error("%s failed: %s: %s", run_name, type(e).__name__, e)
                         failed.append(run_name)
                     continue
-                sets = exp.sets_for(p, s, base)
-                cfg = exp.resolved(sets)
+                sets = exp.defaults_sets(p, s, base) if p.kind == "defaults" else exp.sets_for(p, s, base)
+                cfg = exp.resolved(sets, p)
                 if check_reusable(run_dir, cfg):
                     log.info("%s: FINISHED earlier, skipped", run_name)
                     skipped += 1
@@ -263,7 +293,8 @@ def run_grid(exp: Experiment, points: list[Point]) -> int:
                 env = {"MBSSL_MLFLOW_TAGS": json.dumps(tags)}
                 if parent:
                     env["MBSSL_MLFLOW_PARENT_RUN_ID"] = parent
-                proc = start_training(exp.config, sets, exp.processes, exp.dir / "logs" / f"{p.name}_seed{s}.log", env)
+                proc = start_training(exp.config_for(p), sets, exp.processes,
+                                      exp.dir / "logs" / f"{p.name}_seed{s}.log", env)
                 try:
                     rc = proc.wait()
                 except BaseException:

@@ -144,6 +144,25 @@ def test_grids_name_real_config_fields():
     assert {p.overrides[0] for p in E.grid("hmg")} == {f'hmg.strategy="{s}"' for s in ("hmg", "A", "B", "C", "none")}
 
 
+@pytest.mark.parametrize("config", [None, "configs/taobao_mbcgcn.toml", "configs/retailrocket.toml"])
+def test_compare_defaults_point_keeps_the_data_and_nothing_else(tmp_path, config):
+    """compare's "defaults" point: the config's data/run/hardware settings, the built-in recipe."""
+    from mbssl_dist.config import load_config
+
+    cfg_path = str(Path(__file__).resolve().parents[1] / config) if config else None
+    exp = E.Experiment("compare", cfg_path, ["train.threads=1", "model.dim=8"], seeds=2, processes=1,
+                       out=tmp_path, epochs=3)
+    base = exp.resolved(list(exp.base_sets))
+    pt = next(p for p in E.grid("compare") if p.kind == "defaults")
+    got = exp.resolved(exp.defaults_sets(pt, 1, base), pt).to_dict()
+    ref = load_config(None).to_dict()
+    assert got["data"] == base.to_dict()["data"] and got["dist"] == base.to_dict()["dist"]
+    for sec in ("model", "loss", "hmg", "swing"):
+        assert got[sec] == ref[sec], sec
+    assert got["train"] == {**ref["train"], "threads": 1, "epochs": 3, "seed": ref["train"]["seed"] + 1}
+    assert got["run"]["name"] == "mbssl_defaults/seed1" and got["run"]["output_dir"] == str(tmp_path / "compare")
+
+
 def test_cli_bad_input_is_one_line_exit_2(env, tmp_path):
     space = tmp_path / "space.toml"
     space.write_text('[space]\n"train.nope" = {low = 1, high = 2}\n')
