@@ -330,18 +330,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict:
+    """A TOML file as a dict; a missing or invalid file is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} not found")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from e
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     raw: dict = {}
     source = ""
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: invalid TOML: {e}") from e
-        source = str(p.resolve())
+        raw = read_toml(path)
+        source = str(Path(path).resolve())
     raw = apply_overrides(raw, overrides or [])
     cfg = from_dict(raw, source)
     if cfg.data.path and source and not Path(cfg.data.path).is_absolute():

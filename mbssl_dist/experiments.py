@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import tracking
-from .config import Config, ConfigError, apply_overrides, from_dict, load_config
+from .config import Config, ConfigError, apply_overrides, from_dict, load_config, read_toml
 from .utils.io import atomic_write_json
 
 log = logging.getLogger("mbssl_dist.experiments")
@@ -484,12 +484,7 @@ def load_space(path: str) -> dict[str, dict]:
     """The ``[space]`` table of a search-space TOML: ``"section.field" = {low, high[, log, step]}``
     or ``{choices = [...]}``; each entry is checked against the config's fields."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"search space {p} not found")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: invalid TOML: {e}") from e
+    doc = read_toml(p, "search space")
     space = doc.get("space")
     if not isinstance(space, dict) or not space:
         raise ConfigError(f'{p}: needs a [space] table, e.g. [space] "train.lr" = {{low = 1e-3, high = 1e-1, log = true}}')
