@@ -224,7 +224,7 @@ class Experiment:
         if self.epochs is not None:
             sets.append(f"train.epochs={self.epochs}")
         return sets + [f'run.name="{point.name}/seed{seed_index}"', f'run.output_dir="{self.dir}"',
-                       f"train.seed={load_config(None).train.seed + seed_index}"]
+                       f"train.seed={Config().train.seed + seed_index}"]
 
 
 def _toml_value(v: Any) -> str:

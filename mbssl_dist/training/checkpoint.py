@@ -74,19 +74,10 @@ class ShardedRows:
         self._mesh = None
         self._gids: torch.Tensor | None = None  # every rank's global ids in rank order (gathered once)
 
-    def _full(self, local: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            rows = self.comm.all_gather_cat(local.detach().contiguous())
-            gids = self.comm.all_gather_cat(ids)
-        full = local.new_zeros((self.n,) + tuple(local.shape[1:]))
-        full[gids] = rows
-        return full
-
     def to_chunks(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """This rank's contiguous chunk of each of ``tensors`` (local rows, equal dtype): ONE
         all-gather for all of them (the rows stacked side by side; the ids are gathered once per
-        object), where one per tensor and per save cost 2·3 collectives for a parameter and
-        its two Adam moments."""
+        object), so a parameter and its two Adam moments cost one collective per save."""
         if not tensors:
             return []
         with torch.no_grad():
@@ -105,14 +96,11 @@ class ShardedRows:
             col += w
         return out
 
-    def to_chunk(self, local: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous chunk of the global rows (one all-gather)."""
-        return self.to_chunks([local])[0]
-
     def from_chunk(self, chunk: torch.Tensor) -> torch.Tensor:
-        """This rank's rows (in local order) from every rank's chunk (one all-gather)."""
-        ids = torch.arange(self.lo, self.hi, dtype=torch.int64)
-        return self._full(chunk, ids)[self.users].clone()
+        """This rank's rows (in local order) from every rank's chunk (one all-gather: the
+        chunks are contiguous in rank order, so their concatenation is the table in global order)."""
+        with torch.no_grad():
+            return self.comm.all_gather_cat(chunk.contiguous())[self.users].clone()
 
     def wrap(self, chunk: torch.Tensor, feature_shape: tuple[int, ...]):
         """The chunk as a DTensor sharded on dim 0 (a plain tensor in a single process)."""
@@ -216,32 +204,29 @@ class CheckpointManager:
         but none is usable: a damaged run never silently restarts from scratch. Collective:
         the main rank reads and hashes the files (once, not once per rank) and broadcasts its
         choice; the other ranks then read only that checkpoint's trainer.json."""
-        choice, errors = -1, []
+        step, errors = -1, []  # -1: no checkpoint at all, -2: all damaged
         found = self.complete()
         if self.comm.is_main:
-            for i in reversed(range(len(found))):
+            for path in reversed(found):
                 try:
-                    self.verify(found[i])
-                    choice = i
+                    self.verify(path)
+                    step = int(_NAME.match(path.name).group(1))
                     break
                 except CheckpointError as e:
                     log.warning("skipping damaged checkpoint: %s", e)
                     errors.append(str(e))
-            if choice < 0 and found:
-                choice = -2
-        if self.comm.world_size > 1:
-            t = torch.tensor([choice, int(_NAME.match(found[choice].name).group(1)) if choice >= 0 else -1])
-            choice, step = self.comm.broadcast_(t, 0).tolist()
-            if choice >= 0:  # by name: this rank's listing may differ only in what it cannot see yet
-                path = self.root / f"step-{step:09d}"
-                return path, self._read_doc(path)
-        if choice == -2:
+            if step < 0 and found:
+                step = -2
+        if self.comm.world_size > 1:  # by name: another rank's listing may lag the main rank's
+            step = int(self.comm.broadcast_(torch.tensor([step]), 0).item())
+        if step == -2:
             detail = errors[0] if errors else "see the main rank's log"
             raise CheckpointError(f"no usable checkpoint in {self.root}: {detail} (run.resume = \"never\" "
                                   f"starts over)")
-        if choice < 0:
+        if step < 0:
             return None
-        return found[choice], self._read_doc(found[choice])
+        path = self.root / f"step-{step:09d}"
+        return path, self._read_doc(path)
 
     @staticmethod
     def _read_doc(path: Path) -> dict:
