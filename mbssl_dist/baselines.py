@@ -42,7 +42,9 @@ import torch
 from torch import nn
 
 from .graph.multigraph import BehaviorGraph
+from .graph.sparse import spmm
 from .tracking import connect
+from .utils.seeding import epoch_generator
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +97,6 @@ class AuxPopularityScorer:
 
 # --------------------------------------------------------------------------- LightGCN
 
-class _SpMM(torch.autograd.Function):
-    """``A @ X`` with backward ``A_T @ grad`` (``A_T`` must be the transpose of ``A``).
-
-    Avoids autograd through sparse CSR (slow / version dependent on torch 2.2)."""
-
-    @staticmethod
-    def forward(ctx, a, a_t, x):
-        ctx.a_t = a_t
-        return torch.sparse.mm(a, x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, None, torch.sparse.mm(ctx.a_t, grad.contiguous())
-
-
 class LightGCN(nn.Module):
     """LightGCN embeddings. ``forward(A_ui, A_iu)`` needs ``A_iu == A_ui.T`` (symmetric
     normalization D_u^-1/2 A D_i^-1/2, as built by ``BehaviorGraph.adjacency("sym")``)."""
@@ -130,7 +117,7 @@ class LightGCN(nn.Module):
         u, i = self.user_emb.weight, self.item_emb.weight
         su, si = u, i
         for _ in range(self.n_layers):
-            u, i = _SpMM.apply(a_ui, a_iu, i), _SpMM.apply(a_iu, a_ui, u)
+            u, i = spmm(a_ui, i), spmm(a_iu, u)
             su, si = su + u, si + i
         if torch.is_grad_enabled():
             self._cache = None  # parameters are about to change
@@ -163,11 +150,6 @@ class BPRLoss(nn.Module):
         if self.reg:
             loss = loss + self.reg * 0.5 * (u0.pow(2).sum() + p0.pow(2).sum() + n0.pow(2).sum()) / len(u)
         return loss
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator of every random choice of ``epoch`` (depends only on seed, epoch)."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch) + 1) % (2 ** 63))
 
 
 def sample_negatives(users: torch.Tensor, pos_keys: torch.Tensor, n_items: int, g: torch.Generator,

@@ -192,7 +192,7 @@ def build_model(cfg: Config, ds, part, comm, device: torch.device, user_fn_all=N
     """Model (local user rows, replicated items), training step with the gradient all-reduce
     hook, and the local adjacencies/false-negative tables of ``part``."""
     from .model import MBSSL, TrainStep, make_generator
-    from .model.step import csr_rows_table
+    from .graph.sparse import csr_rows_table
     from .parallel.layout import GradReducer
 
     m, K = cfg.model, ds.n_behaviors
@@ -528,7 +528,7 @@ def main(argv=None) -> int:
         log.error("%s: %s", what, e)
         print(f"{what}: {e}", file=sys.stderr)
         return 2
-    from .model.mbssl import set_sparse_backend
+    from .graph.sparse import set_sparse_backend
     from .parallel.dist import init_distributed, shutdown
 
     set_sparse_backend(cfg.train.sparse_backend)

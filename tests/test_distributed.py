@@ -45,7 +45,7 @@ def fn_table(n: int, k: int, seed: int):
 
 def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray, overrides: list[str],
             out_dir: str, steps: int = STEPS) -> None:
-    import mbssl_dist.model.mbssl as M
+    import mbssl_dist.utils.seeding as M
 
     block_rows = M.MASK_BLOCK_ROWS  # restored below: world=1 runs in the pytest process itself
     try:
@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
         if "_small_mask_blocks" in overrides:  # many dropout-mask blocks on this tiny graph
             M.MASK_BLOCK_ROWS = 16
         cfg = small_config([o for o in overrides if not o.startswith("_")])
-        from mbssl_dist.model.mbssl import set_sparse_backend
+        from mbssl_dist.graph.sparse import set_sparse_backend
 
         set_sparse_backend(cfg.train.sparse_backend)  # as train.main does
         ds = load_prepared(data_dir)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mbssl_dist.graph.multigraph import BehaviorGraph
 from mbssl_dist.model import (HMG, MBSSL, NonFiniteLossError, TrainConfig, TrainState, TrainStep, build_batch,
                               make_generator, make_views)
-from mbssl_dist.model.mbssl import sparse_backend, spmm
+from mbssl_dist.graph.sparse import sparse_backend, spmm
 
 D = torch.float64
 NU, NI, K = 7, 6, 3
@@ -331,7 +331,7 @@ def test_fast_batched_backward_matches_autograd_per_task(view_mode, use_cdm, int
 def test_sparse_op_mm_into_accumulates_and_checks_shapes():
     """``_SparseOp.mm_into`` (scipy's in-place kernel) = A @ x / Aᵀ @ x, written or added into
     a slice of a larger buffer; wrong shapes raise instead of reaching the unchecked kernel."""
-    from mbssl_dist.model.mbssl import sparse_op
+    from mbssl_dist.graph.sparse import sparse_op
 
     g = torch.Generator().manual_seed(3)
     dense = torch.rand(7, 5, generator=g, dtype=D) * (torch.rand(7, 5, generator=g, dtype=D) > 0.5)
@@ -368,7 +368,7 @@ def test_batch_to_device_copies_every_tensor():
 def test_block_uniform_rows_do_not_depend_on_which_rows_are_drawn(head):
     """A row's dropout uniforms depend only on (seed, side, global id): drawing any subset of
     rows, in any order, over several blocks gives the same rows as drawing all of them."""
-    from mbssl_dist.model.mbssl import MASK_BLOCK_ROWS, block_uniform
+    from mbssl_dist.utils.seeding import MASK_BLOCK_ROWS, block_uniform
 
     n = 2 * MASK_BLOCK_ROWS + 37
     full = block_uniform(head, torch.arange(n), n, 4, 12345, 0, "cpu")
@@ -395,7 +395,7 @@ def test_sparse_backend_selects_the_kernel(backend):
     """The backend in force decides which kernel runs: scipy builds (and caches) its CSR copy,
     torch never touches scipy (so CPU CI runs the CUDA path's products); 'scipy' on a
     non-CPU tensor is an error rather than a silent fallback; unknown names are refused."""
-    from mbssl_dist.model.mbssl import set_sparse_backend, sparse_op
+    from mbssl_dist.graph.sparse import set_sparse_backend, sparse_op
 
     g = torch.Generator().manual_seed(5)
     dense = torch.rand(6, 4, generator=g, dtype=D) * (torch.rand(6, 4, generator=g, dtype=D) > 0.4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mbssl_dist.config import ConfigError, load_config
-from mbssl_dist.model.mbssl import get_sparse_backend, set_sparse_backend
+from mbssl_dist.graph.sparse import get_sparse_backend, set_sparse_backend
 
 from .test_train import run
 

@@ -23,6 +23,8 @@ import warnings
 import numpy as np
 import torch
 
+from ..utils.seeding import uniform_hash
+
 # torch warns on every CSR construction that sparse CSR is "beta" and that invariant checks
 # are off; our CSR arrays are built sorted and validated here, so the noise is dropped.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -174,19 +176,6 @@ class MultiBehaviorGraph:
     def user_degrees(self) -> torch.Tensor:
         """Total degree of each user over all behaviors (for edge-balanced partitioning)."""
         return sum(g.user_deg for g in self.graphs)
-
-
-def uniform_hash(keys: np.ndarray, seed: int, epoch: int, stream: int) -> np.ndarray:
-    """Counter-based uniform [0, 1) per key (splitmix64): the same for an edge whatever rank
-    holds it, so random views do not depend on the partition."""
-    with np.errstate(over="ignore"):
-        x = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        x ^= np.uint64((seed * 1_000_003 + epoch * 7919 + stream * 104_729) & 0xFFFFFFFFFFFFFFFF)
-        x += np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def view_keep(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, mode: str, p: float,

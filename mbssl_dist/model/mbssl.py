@@ -34,17 +34,16 @@ set and then the local rows are selected, so P ranks draw exactly what one proce
 from __future__ import annotations
 
 import math
-import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph.sparse import dense_rows, spmm
 from ..parallel.comm import Comm, LocalComm
+from ..utils.seeding import block_uniform
 
 Adjacency = tuple[torch.Tensor, torch.Tensor]  # (A_ui [n_local_users x n_items], A_iu [n_items x n_local_users])
 
@@ -68,192 +67,8 @@ class Propagated:
     layer_rel: list[torch.Tensor] = field(default_factory=list, repr=False)
 
 
-MASK_BLOCK_ROWS = 2048  # global rows per independently seeded block of a dropout mask
-_M64 = (1 << 64) - 1
-
-
-def _block_seed(base: int, side: int, block: int) -> int:
-    """splitmix64 of (base, side, block): the seed of one mask block."""
-    x = (base + 0x9E3779B97F4A7C15 * (2 * block + side + 1)) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return (x ^ (x >> 31)) & ((1 << 63) - 1)
-
-
-def block_uniform(head: tuple[int, ...], ids: torch.Tensor, n_total: int, d: int, base: int, side: int,
-                  device) -> torch.Tensor:
-    """Uniform [0, 1) draws of shape ``head + [len(ids), d]`` whose rows depend only on
-    (base, side, global row id): global rows are cut into blocks of ``MASK_BLOCK_ROWS``, each
-    drawn from its own generator, so a rank draws only the blocks its rows fall in (its item
-    slice: about 1/P of them) and the masks do not depend on the number of ranks."""
-    B = MASK_BLOCK_ROWS
-    ax = len(head)
-    ids = ids.to(torch.int64).cpu()
-    if ids.numel() == 0:
-        return torch.empty(head + (0, d), device=device)
-    blk = ids // B
-    blocks = torch.unique(blk).tolist()
-    parts, offs = [], torch.zeros(blocks[-1] + 1, dtype=torch.int64)
-    pos = 0
-    for b in blocks:
-        n_b = min(B, n_total - b * B)
-        g = torch.Generator(device=device).manual_seed(_block_seed(base, side, b))
-        parts.append(torch.rand(head + (n_b, d), generator=g, device=device))
-        offs[b] = pos
-        pos += n_b
-    cat = parts[0] if len(parts) == 1 else torch.cat(parts, ax)
-    idx = offs[blk] + ids % B
-    if idx.numel() == pos and bool(torch.equal(idx, torch.arange(pos))):
-        return cat
-    return cat.index_select(ax, idx.to(cat.device))
-
-
 def _xavier_bound(fan_in: int, fan_out: int) -> float:
     return math.sqrt(6.0 / (fan_in + fan_out))
-
-
-try:  # scipy's in-place CSR x dense kernel (Y += A X); private, so guarded
-    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
-except Exception:  # pragma: no cover
-    _csr_matvecs = None
-
-SPARSE_BACKENDS = ("auto", "scipy", "torch")
-_BACKEND = "auto"
-
-
-def set_sparse_backend(name: str) -> str:
-    """Select the kernel of every sparse adjacency product in this process (config field
-    ``train.sparse_backend``) and return the previous choice. ``auto``: scipy for CPU
-    tensors, torch's sparse kernels otherwise; ``torch``: torch everywhere, so the CUDA code
-    path runs (and is tested) on CPU; ``scipy``: scipy, an error for non-CPU tensors."""
-    global _BACKEND
-    if name not in SPARSE_BACKENDS:
-        raise ValueError(f"sparse backend {name!r}: expected one of {', '.join(SPARSE_BACKENDS)}")
-    prev, _BACKEND = _BACKEND, name
-    return prev
-
-
-def get_sparse_backend() -> str:
-    return _BACKEND
-
-
-@contextmanager
-def sparse_backend(name: str):
-    """``with sparse_backend("torch"): ...`` -- the backend for a block (tests)."""
-    prev = set_sparse_backend(name)
-    try:
-        yield
-    finally:
-        set_sparse_backend(prev)
-
-
-class _SparseOp:
-    """A constant sparse matrix with a cached transpose, for ``A @ x`` with autograd w.r.t. x.
-
-    torch's CSR backward re-sorts the matrix to transpose it on every call (the dominant cost
-    on CPU); here the transpose is built once per matrix. Which kernel runs is
-    :func:`set_sparse_backend`'s choice: scipy for CPU CSR matrices under ``auto`` (several
-    times faster than torch's CSR kernel on these shapes), torch's sparse products otherwise
-    (the only option on CUDA).
-    """
-
-    def __init__(self, a: torch.Tensor) -> None:
-        self.a = a
-        self.shape = tuple(a.shape)
-        self._sp: dict = {}
-        self._t: torch.Tensor | None = None
-
-    def _use_scipy(self, x: torch.Tensor) -> bool:
-        if _BACKEND == "torch":
-            return False
-        cpu = x.device.type == "cpu" and self.a.device.type == "cpu"
-        if _BACKEND == "scipy" and not cpu:
-            raise RuntimeError(f"sparse backend 'scipy' needs CPU tensors, got {x.device}: "
-                               "set train.sparse_backend to 'auto' or 'torch'")
-        return cpu and self.a.layout == torch.sparse_csr
-
-    def _scipy(self, dtype) -> tuple:
-        key = dtype
-        if key not in self._sp:
-            import numpy as np
-            import scipy.sparse as sps
-
-            a = self.a
-            np_dtype = np.float64 if dtype == torch.float64 else np.float32
-            m = sps.csr_matrix((a.values().detach().numpy().astype(np_dtype), a.col_indices().numpy(),
-                                a.crow_indices().numpy()), shape=self.shape)
-            self._sp[key] = (m, m.T.tocsr())
-        return self._sp[key]
-
-    def mm_into(self, x: torch.Tensor, out: torch.Tensor, transpose: bool = False, accumulate: bool = False) -> None:
-        """``out (+)= A @ x`` (or Aᵀ) written in place into a contiguous ``out``: with scipy
-        through its ``csr_matvecs`` kernel directly (it accumulates into its output), so there
-        is no fresh result array (page faults on every call for large outputs) and no copy.
-        Shapes are checked on every backend (the raw scipy kernel does no bounds checks)."""
-        rows, cols = (self.shape[1], self.shape[0]) if transpose else self.shape
-        n_vecs = x.shape[1] if x.ndim == 2 else 1
-        if x.shape[0] != cols or out.shape[0] != rows or out.numel() != rows * n_vecs:
-            raise ValueError(f"mm_into: {(rows, cols)} @ {tuple(x.shape)} -> {tuple(out.shape)}")
-        if (self._use_scipy(x) and out.is_contiguous() and out.device.type == "cpu"
-                and out.dtype == x.dtype and _csr_matvecs is not None):
-            m, mt = self._scipy(x.dtype)
-            a = mt if transpose else m
-            xn = x.detach().contiguous().numpy()
-            if not accumulate:
-                out.zero_()
-            _csr_matvecs(a.shape[0], a.shape[1], n_vecs, a.indptr, a.indices, a.data, xn.ravel(),
-                         out.detach().numpy().reshape(-1))
-            return
-        r = self.mm(x, transpose).view(out.shape)
-        if accumulate:
-            out.add_(r)
-        else:
-            out.copy_(r)
-
-    def mm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        if self._use_scipy(x):
-            m, mt = self._scipy(x.dtype)
-            xn = x.detach().contiguous().numpy()
-            return torch.from_numpy(np.asarray((mt if transpose else m) @ xn))
-        if not transpose:
-            return self.a.to(x.dtype) @ x
-        if self._t is None:
-            self._t = self.a.t().to_sparse_csr() if self.a.layout == torch.sparse_csr else self.a.t().coalesce()
-        return self._t.to(x.dtype) @ x
-
-
-class _SpMMFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, op):  # type: ignore[override]
-        ctx.op = op
-        return op.mm(x)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return ctx.op.mm(g, transpose=True), None
-
-
-_OPS: dict[int, tuple] = {}
-
-
-def spmm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``a @ x`` for a constant sparse ``a`` (CSR or COO); gradient w.r.t. ``x`` only."""
-    return _SpMMFn.apply(x, sparse_op(a))
-
-
-def sparse_op(a: torch.Tensor) -> _SparseOp:
-    """The cached :class:`_SparseOp` of a constant sparse matrix (keyed by tensor identity)."""
-    key = id(a)
-    hit = _OPS.get(key)
-    if hit is None or hit[0]() is not a:
-        if len(_OPS) > 256:
-            for k in [k for k, (r, _) in _OPS.items() if r() is None]:
-                del _OPS[k]
-        op = _SparseOp(a)
-        _OPS[key] = (weakref.ref(a), op)
-    else:
-        op = hit[1]
-    return op
 
 
 class MBSSL(nn.Module):
@@ -610,7 +425,7 @@ class MBSSL(nn.Module):
                 for k, X in enumerate(user_items):
                     if k == self.n_behaviors - 1 and not self.interaction_include_target:
                         continue
-                    rows = _select_rows_dense(X, users, s.dtype)
+                    rows = dense_rows(X, users, s.dtype)
                     if items is not None:
                         rows = rows[:, items]
                     wk = w[k]
@@ -634,21 +449,3 @@ class MBSSL(nn.Module):
             return self.score(prop, users, user_items=user_items)
         finally:
             self.train(was)
-
-
-def _select_rows_dense(X: torch.Tensor, rows: torch.Tensor, dtype) -> torch.Tensor:
-    if X.layout == torch.sparse_csr:
-        crow, col = X.crow_indices(), X.col_indices()
-        starts, ends = crow[rows], crow[rows + 1]
-        counts = ends - starts
-        out = torch.zeros(rows.numel(), X.shape[1], dtype=dtype, device=X.device)
-        if counts.sum() > 0:
-            r = torch.repeat_interleave(torch.arange(rows.numel(), device=X.device), counts)
-            offs = torch.arange(int(counts.sum()), device=X.device) - torch.repeat_interleave(
-                torch.cumsum(counts, 0) - counts, counts)
-            idx = torch.repeat_interleave(starts, counts) + offs
-            out[r, col[idx]] = X.values()[idx].to(dtype)
-        return out
-    if X.is_sparse:
-        X = X.to_dense()
-    return X[rows].to(dtype)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,49 +31,18 @@ from typing import Callable, Sequence
 import torch
 
 from ..graph import view_keep
+from ..graph.sparse import csr_rows, csr_rows_table
 from ..parallel.comm import Comm, LocalComm
 from .hmg import HMG
 from .losses import (Anchors, InteractionTerms, InterBehaviorInfoNCE, IntraBehaviorInfoNCE, NonSamplingLoss)
 from .mbssl import MBSSL, Adjacency
+from ..utils.seeding import make_generator
 from .tape import MainTape, ViewTape, add_grads, workspace, zero_grads
 
 ReduceGrads = Callable[[list, list], list]
 
 
-def make_generator(seed: int, epoch: int, step: int, stream: str, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch.Generator seeded from a hash of (seed, epoch, step, stream): identical on every
-    rank, independent across streams ("dropout", "views", "batch", ...)."""
-    h = hashlib.blake2b(f"{int(seed)}|{int(epoch)}|{int(step)}|{stream}".encode(), digest_size=8).digest()
-    g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
-    return g
-
-
 # ------------------------------------------------------------------------------ batches
-def _csr_rows(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row position in ``rows``, column) of every entry of the selected CSR rows."""
-    starts, ends = indptr[rows], indptr[rows + 1]
-    counts = ends - starts
-    total = int(counts.sum())
-    pos = torch.repeat_interleave(torch.arange(rows.numel()), counts)
-    if total == 0:
-        return pos, indices.new_zeros(0)
-    offs = torch.arange(total) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    return pos, indices[torch.repeat_interleave(starts, counts) + offs]
-
-
-def csr_rows_table(table: tuple[torch.Tensor, torch.Tensor] | None, rows: torch.Tensor):
-    """Rows ``rows`` of a CSR table (indptr, indices) as a new (indptr, indices) table."""
-    if table is None:
-        return None, None
-    indptr, indices = table
-    pos, cols = _csr_rows(indptr, indices, rows)
-    counts = torch.bincount(pos, minlength=rows.numel())
-    out_ptr = torch.zeros(rows.numel() + 1, dtype=torch.int64)
-    out_ptr[1:] = torch.cumsum(counts, 0)
-    return out_ptr, cols.to(torch.int64)
-
-
 @dataclass
 class Batch:
     """One rank's share of a training batch.
@@ -121,7 +89,7 @@ def build_batch(csr: Sequence[tuple[torch.Tensor, torch.Tensor]], users: torch.T
     values; item_fn: FN table over all items."""
     users = users.to(torch.int64)
     K = len(csr)
-    pos = [_csr_rows(ip.to(torch.int64), ix.to(torch.int64), users) for ip, ix in csr]
+    pos = [csr_rows(ip.to(torch.int64), ix.to(torch.int64), users) for ip, ix in csr]
     t_rows, t_items = pos[-1]
     u_w = torch.bincount(t_rows, minlength=users.numel()).to(torch.float64)
     keep = u_w > 0

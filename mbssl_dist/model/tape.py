@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..parallel.comm import Comm
-from .mbssl import MBSSL, Adjacency, sparse_op
+from ..graph.sparse import sparse_op
+from .mbssl import MBSSL, Adjacency
 
 SLOPE = 0.01  # F.leaky_relu's default negative slope (what MBSSL._layer uses)
 
