@@ -439,7 +439,7 @@ def trained_scorer(run_dir: Path):
     g2l = torch.from_numpy(run.part.global_to_local)
     run.model.eval()
     with torch.no_grad():
-        prop = run.model(run.adjs, comm, None, keep_layers=False)
+        prop = run.model(run.adjs, comm)
 
     def score(users: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -259,7 +259,7 @@ class Scoring:
         self.prop = None
         if propagate:
             with torch.no_grad():
-                self.prop = self.model(self.adjs, comm, None, keep_layers=False)
+                self.prop = self.model(self.adjs, comm)
         self.g2l = torch.from_numpy(self.part.global_to_local)
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ function; everything distributed goes through ``parallel``.
 from __future__ import annotations
 
 import argparse
+import resource
 import logging
 import math
 import os
@@ -25,12 +26,24 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
-from .config import Config, ConfigError, describe, load_config, validate_against_data
+from .config import Config, ConfigError, check_runtime, describe, load_config, validate_against_data
+from .data import load_prepared
+from .data.dataset import PreparedDataset
+from .data.cache import ensure_prepared, prepared_dir_for
 from .data.errors import DataError
-from .evaluate import NonFiniteScoresError
+from .evaluate import NonFiniteScoresError, eval_masks, evaluate, heldout_sets
 from .export import save_model
-from .training import CheckpointError, CheckpointManager, EvalHistory
+from .graph.sparse import csr_rows_table, set_sparse_backend
+from .model import MBSSL
+from .parallel.comm import Comm
+from .parallel.dist import init_distributed, shutdown
+from .partition import LocalPart
+from .parallel.layout import GradReducer, shard_users, target_views
+from .swing.cache import ensure_swing, load_topn_csr
+from .tracking import RunLogger, git_commit
+from .training import CheckpointError, CheckpointManager, EvalHistory, NonFiniteLossError, TrainStep, build_batch
 from .training.checkpoint import ShardedRows, describe_tensors, load_state_tensors, state_tensors
+from .utils.seeding import make_generator
 
 log = logging.getLogger("mbssl_dist.train")
 
@@ -68,8 +81,6 @@ def false_negative_tables(cfg: Config, ds, comm):
     lo = cfg.loss
     if not lo.use_inter or (lo.fn_users == 0 and lo.fn_items == 0):
         return None, None
-    from .swing.cache import ensure_swing, load_topn_csr
-
     if comm.is_main:
         ensure_swing(cfg, ds)
     comm.barrier()
@@ -79,45 +90,28 @@ def false_negative_tables(cfg: Config, ds, comm):
     return user_fn, item_fn
 
 
-def step_config(cfg: Config, K: int, behaviors: list[str] | None = None):
-    from .model import TrainConfig as StepConfig
-
-    lo, h = cfg.loss, cfg.hmg
-    lambdas = list(lo.lambdas) or [1.0 / K] * K
-    c_neg = lo.neg_weight if len(lo.neg_weight) > 1 else lo.neg_weight[0]
-    return StepConfig(rec_weights=lambdas, c_neg=c_neg, decay=lo.decay, tau=lo.tau, intra_weight=lo.intra_weight,
-                      inter_weights=[lo.inter_weight] * (K - 1), use_intra=lo.use_intra, use_inter=lo.use_inter,
-                      fn_mode=lo.fn_mode, view_mode=lo.view_propagation, lr=cfg.train.lr,
-                      adam_betas=tuple(cfg.train.adam_betas), seed=cfg.train.seed,
-                      hmg_strategy=h.strategy, hmg_relax=h.relax, hmg_beta=h.beta, hmg_use_ema=h.norm_source == "ema",
-                      aux_names=list(behaviors[:-1]) if behaviors else None)
-
-
 @dataclass
 class Evaluator:
     """Validation / test evaluation of this rank's users (sums all-reduced inside)."""
 
-    ds: object
-    part: object
+    ds: PreparedDataset
+    part: LocalPart
     ks: list[int]
     batch_size: int
 
     def __post_init__(self):
-        from .evaluate import eval_masks, heldout_sets
-
         self.masks = eval_masks(self.ds)
         self.held = heldout_sets(self.ds)
         mine = np.zeros(self.ds.n_users, dtype=bool)
         mine[self.part.users] = True
         self.users = {ph: np.flatnonzero((np.diff(self.held[ph].indptr) > 0) & mine) for ph in ("valid", "test")}
 
-    def __call__(self, model, adjs, comm, phases=("valid", "test"), user_items=None, progress=False) -> dict:
-        from .evaluate import evaluate
-
+    def __call__(self, model: MBSSL, adjs: list, comm: Comm, phases=("valid", "test"), user_items: list | None = None,
+                 progress: bool = False) -> dict:
         g2l = torch.from_numpy(self.part.global_to_local)
         model.eval()
         with torch.no_grad():
-            prop = model(adjs, comm, None, keep_layers=False)
+            prop = model(adjs, comm)
 
             def score(users: torch.Tensor) -> torch.Tensor:
                 return model.score(prop, g2l[users.cpu()].to(prop.users.device), user_items=user_items).cpu()
@@ -147,8 +141,6 @@ def mean_stats(results: list[dict]) -> dict:
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux ru_maxrss is in KiB)."""
-    import resource
-
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
@@ -156,11 +148,11 @@ def peak_rss_mb() -> float:
 class ModelRun:
     """What one rank trains: its model, step, adjacencies and batch builder."""
 
-    model: object
-    step: object
+    model: MBSSL
+    step: TrainStep
     adjs: list
     csr: list
-    part: object
+    part: LocalPart
     n_items: int
     user_fn: tuple | None
     item_fn: tuple | None
@@ -169,8 +161,6 @@ class ModelRun:
 
     def batch(self, global_users: np.ndarray):
         """This rank's share of a global batch of user ids (may be empty on some ranks)."""
-        from .model import build_batch
-
         local = self.part.global_to_local[np.asarray(global_users, dtype=np.int64)]
         rows = torch.from_numpy(np.sort(local[local >= 0]))
         batch = build_batch(self.csr, rows, self.n_items, user_ids=torch.from_numpy(self.part.users),
@@ -182,8 +172,6 @@ class ModelRun:
 
 def epoch_permutation(n_users: int, seed: int, epoch: int) -> np.ndarray:
     """Global batch order of an epoch: the same on every rank and for any number of ranks."""
-    from .model import make_generator
-
     return torch.randperm(n_users, generator=make_generator(seed, epoch, -1, "batches")).numpy()
 
 
@@ -191,10 +179,6 @@ def build_model(cfg: Config, ds, part, comm, device: torch.device, user_fn_all=N
                 dtype: torch.dtype = torch.float32) -> ModelRun:
     """Model (local user rows, replicated items), training step with the gradient all-reduce
     hook, and the local adjacencies/false-negative tables of ``part``."""
-    from .model import MBSSL, TrainStep, make_generator
-    from .graph.sparse import csr_rows_table
-    from .parallel.layout import GradReducer
-
     m, K = cfg.model, ds.n_behaviors
     adjs = [part.graph.adjacency(k, m.norm, dtype, device) for k in range(K)]
     csr = [(g.indptr, g.indices) for g in part.graph.graphs]
@@ -209,7 +193,7 @@ def build_model(cfg: Config, ds, part, comm, device: torch.device, user_fn_all=N
                   interaction_per_item=m.interaction_per_item, init_scale=m.init_scale,
                   n_users_global=ds.n_users, user_ids=torch.from_numpy(part.users),
                   init_generator=make_generator(cfg.train.seed, 0, 0, "init")).to(device)
-    step = TrainStep(model, step_config(cfg, K, list(ds.behaviors)), comm)
+    step = TrainStep(model, cfg.loss, cfg.hmg, cfg.train, comm, aux_names=list(ds.behaviors)[:-1])
     step.reduce_grads = GradReducer(step.params, comm)
     user_items = None
     if m.interaction_scoring:
@@ -284,12 +268,6 @@ def find_resume_point(cfg: Config, ckpts: CheckpointManager, dataset_sha: str) -
 
 
 def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -> int:
-    from .data import load_prepared
-    from .data.cache import ensure_prepared, prepared_dir_for
-    from .model import NonFiniteLossError
-    from .parallel.layout import shard_users, target_views
-    from .tracking import RunLogger, git_commit
-
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -516,9 +494,6 @@ def main(argv=None) -> int:
         print(describe())
         return 0
     setup_logging()
-    from .config import check_runtime
-    from .data.cache import prepared_dir_for
-    from .data.errors import DataError
     try:
         cfg = load_config(args.config, args.set)
         check_runtime(cfg)  # train.device = "cuda" without a GPU
@@ -528,8 +503,6 @@ def main(argv=None) -> int:
         log.error("%s: %s", what, e)
         print(f"{what}: {e}", file=sys.stderr)
         return 2
-    from .graph.sparse import set_sparse_backend
-    from .parallel.dist import init_distributed, shutdown
 
     set_sparse_backend(cfg.train.sparse_backend)
     comm, device = init_distributed(cfg.train.device, cfg.dist.collectives)

@@ -53,6 +53,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
         from mbssl_dist.parallel.comm import LocalComm
         from mbssl_dist.parallel.layout import local_part_from_dataset, target_views
         from mbssl_dist.train import build_model, epoch_permutation
+        from tests.autograd_model import autograd_step
 
         if world > 1:
             import torch.distributed as dist
@@ -82,7 +83,8 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
         perm = epoch_permutation(ds.n_users, cfg.train.seed, 0)
         views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, cfg.train.seed, 0, comm,
                              cfg.model.norm) if cfg.loss.use_intra else None
-        run.step.fast = not autograd
+        if autograd:
+            run.step = autograd_step(run.step)
         B = cfg.train.batch_size
         records = []
         for b in range(steps):
@@ -90,9 +92,9 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
             records.append({"losses": res.losses, "hmg": res.hmg})
         params = {n: p.detach().clone() for n, p in run.model.named_parameters()}
         ema = run.step.state.hmg.state_dict()
-        run.model.eval()  # evaluation-mode propagation (the autograd path), as the evaluator runs it
+        run.model.eval()  # evaluation-mode propagation, as the evaluator runs it
         with torch.no_grad():
-            prop = run.model(run.adjs, comm, keep_layers=False)
+            prop = run.model(run.adjs, comm)
         params["eval_users"] = prop.users[:, -1].clone()  # sharded like the user embedding
         params["eval_items"] = prop.items[:, -1].clone()
         torch.save({"records": records, "params": params, "users": part.users, "ema": ema},
@@ -186,8 +188,8 @@ CASES = {
     "reference_fn_edge_views_no_cdm": ["loss.fn_mode=\"reference\"", "loss.intra_view=\"edge\"",
                                        "model.use_cdm=false", "hmg.strategy=\"C\""],
     "interaction_scoring": ["model.interaction_scoring=true", "hmg.strategy=\"B\""],
-    # the autograd path (MBSSL.forward / forward_views with autograd-aware reduce-scatter and
-    # all-gather) and the tape's full-propagation views
+    # the autograd oracle (tests/autograd_model.py: autograd-aware reduce-scatter and all-gather)
+    # and the full-propagation views
     "autograd": ["_autograd"],
     "full_views": ["loss.view_propagation=\"full\""],
     # reduce-scatter / all-gather through shared memory instead of gloo
@@ -288,7 +290,7 @@ def test_shard_users_in_memory(tiny_data, method):
 def test_single_process_views_equal_the_trainers(tiny_data, mode):
     """``model.make_views`` (one process, whole graph) draws exactly the views the trainer's
     ``target_views`` draws on one rank: same keep decisions, same view normalization."""
-    from mbssl_dist.model import make_views
+    from tests.autograd_model import make_views
     from mbssl_dist.parallel.comm import LocalComm
     from mbssl_dist.parallel.layout import local_part_from_dataset, target_views
 

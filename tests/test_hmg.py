@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mbssl_dist.model.hmg import HMG
+from mbssl_dist.training.hmg import HMG
 
 D = torch.float64
 

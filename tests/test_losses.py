@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from mbssl_dist.model.losses import (Anchors, InteractionTerms, InterBehaviorInfoNCE, IntraBehaviorInfoNCE,
+from mbssl_dist.training.losses import (Anchors, InteractionTerms, InterBehaviorInfoNCE, IntraBehaviorInfoNCE,
                                      NonSamplingLoss, info_nce)
 
 from .oracles import naive_nonsampling
@@ -199,7 +199,7 @@ def test_inter_and_intra_modules_sum_user_and_item_sides():
 def test_infonce_chunked_denominator_matches_loop(monkeypatch):
     """The chunked exp-sum (logits recomputed per row block in the backward) gives the same
     loss and gradients as one block, with false negatives spread over several chunks."""
-    import mbssl_dist.model.losses as L
+    import mbssl_dist.training.losses as L
 
     g = torch.Generator().manual_seed(11)
     n, d = 9, 4

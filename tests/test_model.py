@@ -6,9 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from mbssl_dist.graph.multigraph import BehaviorGraph
-from mbssl_dist.model import (HMG, MBSSL, NonFiniteLossError, TrainConfig, TrainState, TrainStep, build_batch,
-                              make_generator, make_views)
+from mbssl_dist.config import HMGConfig, LossConfig, TrainConfig
 from mbssl_dist.graph.sparse import sparse_backend, spmm
+from mbssl_dist.model import MBSSL
+from mbssl_dist.model.propagation import Propagation, Workspace
+from mbssl_dist.parallel.comm import LocalComm
+from mbssl_dist.training import HMG, NonFiniteLossError, TrainState, TrainStep, build_batch
+from mbssl_dist.utils.seeding import make_generator
+from tests import autograd_model as oracle
+from tests.autograd_model import make_views
 
 D = torch.float64
 NU, NI, K = 7, 6, 3
@@ -94,8 +100,13 @@ def test_views_on_unchanged_graph_equal_main_target():
     with torch.no_grad():
         p = m(adjs)
         main_t = torch.cat([p.users[:, -1], p.items[:, -1]])
+        rel, ego0 = m.relation_layers()[:-1], torch.cat([m.user_embedding, m.item_embedding])
+        main = Propagation(m, adjs, LocalComm(), ws=Workspace())
+        main.forward(rel, ego0)
         for mode in ("target", "full"):
-            v = m.forward_views(p, [adjs[-1]], adjs, mode=mode)[0]
+            view = Propagation(m, [adjs[-1]], LocalComm(), "v", base=main) if mode == "target" else \
+                Propagation(m, adjs[:-1] + [adjs[-1]], LocalComm(), "v")
+            v = view.forward(rel, ego0)[-1]
             assert torch.allclose(v, main_t), mode
 
 
@@ -133,8 +144,8 @@ def test_model_gradcheck_small():
     m = MBSSL(NU, NI, K, dim=3, n_layers=2, att_dim=2, dtype=D).eval()
     adjs = _adjs(gs)
     # central finite differences (float64) on a few coordinates of several parameter tensors
-    def loss():
-        p = m(adjs)
+    def loss():  # the autograd oracle, itself checked here against finite differences
+        p = oracle.forward(m, adjs)
         return (p.users[:, -1] @ (p.items[:, -1] * p.relations[-1]).T).square().sum()
 
     l = loss()
@@ -197,11 +208,14 @@ def test_interaction_scoring_score():
 
 
 # ----------------------------------------------------------------------------- step
+def _step(m, **loss_kw) -> TrainStep:
+    return TrainStep(m, LossConfig(**{"lambdas": [0.2, 0.3, 0.5], **loss_kw}), HMGConfig(), TrainConfig())
+
+
 def _step_setup(**cfg_kw):
     gs = _graphs(6)
     m = MBSSL(NU, NI, K, dim=4, n_layers=2, att_dim=2, dtype=D)
-    cfg = TrainConfig(rec_weights=[0.2, 0.3, 0.5], c_neg=0.1, decay=0.01, tau=0.5, **cfg_kw)
-    step = TrainStep(m, cfg)
+    step = _step(m, neg_weight=[0.1], decay=0.01, tau=0.5, **cfg_kw)
     csr = [(g.indptr, g.indices) for g in gs]
     ufn = (torch.arange(NU + 1) * 2, torch.randint(0, NU, (2 * NU,), generator=torch.Generator().manual_seed(0)))
     ifn = (torch.arange(NI + 1), torch.randint(0, NI, (NI,), generator=torch.Generator().manual_seed(1)))
@@ -224,13 +238,13 @@ def test_train_step_runs_and_updates():
 
 
 def test_train_step_matches_manual_hmg_combination():
-    gs, m, step, batch, views = _step_setup(view_mode="full")
+    gs, m, step, batch, views = _step_setup(view_propagation="full")
     adjs = _adjs(gs)
     m2 = MBSSL(NU, NI, K, dim=4, n_layers=2, att_dim=2, dtype=D)
     m2.load_state_dict(m.state_dict())
     # manual: same losses, per-task grads, HMG, + reg, Adam
-    step2 = TrainStep(m2, step.cfg)
-    losses = step2.compute_losses(batch, adjs, views, make_generator(2020, 0, 0, "dropout"))
+    step2 = TrainStep(m2, step.loss, HMGConfig(), TrainConfig())
+    losses = oracle.compute_losses(step2, batch, adjs, views, make_generator(2020, 0, 0, "dropout"))
     params = list(m2.parameters())
     grads = [torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True) for t in step2.tasks]
     reg = torch.autograd.grad(losses["reg"], params, allow_unused=True)
@@ -250,7 +264,7 @@ def test_ablations_and_interaction_scoring_step():
     assert res.tasks == ["rec"] and res.hmg["aux"] == []
     gs = _graphs(6)
     m = MBSSL(NU, NI, K, dim=4, n_layers=2, att_dim=2, dtype=D, interaction_scoring=True, use_cdm=False)
-    step = TrainStep(m, TrainConfig(rec_weights=[0.2, 0.3, 0.5], use_inter=False))
+    step = _step(m, use_inter=False)
     csr = [(g.indptr, g.indices) for g in gs]
     b = build_batch(csr, torch.tensor([0, 1]), NI, interaction=True)
     res = step(b, _adjs(gs), make_views(gs[-1], "node", 0.5, 1, 0, dtype=D))
@@ -303,8 +317,7 @@ def test_fast_batched_backward_matches_autograd_per_task(view_mode, use_cdm, int
             m.item_bias.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(0))
             if m.interaction_per_item:
                 m.behavior_item_weight.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(1))
-    cfg = TrainConfig(rec_weights=[0.2, 0.3, 0.5], c_neg=0.1, decay=0.01, tau=0.5, view_mode=view_mode)
-    step = TrainStep(m, cfg)
+    step = _step(m, neg_weight=[0.1], decay=0.01, tau=0.5, view_propagation=view_mode)
     csr = [(g.indptr, g.indices) for g in gs]
     ufn = (torch.arange(NU + 1) * 2, torch.randint(0, NU, (2 * NU,), generator=torch.Generator().manual_seed(0)))
     batch = build_batch(csr, torch.tensor([0, 2, 5, 6]), NI, user_fn=ufn, interaction=interaction)
@@ -315,12 +328,12 @@ def test_fast_batched_backward_matches_autograd_per_task(view_mode, use_cdm, int
     pnames = [k for k, p in m.named_parameters() if p.requires_grad]
     # twice: the second pass runs on the tapes' reused workspace buffers (stale contents must not leak)
     for seed in (1, 2):
-        slow = step.compute_losses(batch, adjs, views, make_generator(seed, 0, 0, "dropout"))
+        slow = oracle.compute_losses(step, batch, adjs, views, make_generator(seed, 0, 0, "dropout"))
         want = {n: torch.autograd.grad(slow[n], step.params, retain_graph=True, allow_unused=True) for n in names}
-        fast, ctx = step._fast_forward(batch, adjs, views, make_generator(seed, 0, 0, "dropout"))
+        fast, ctx = step.forward(batch, adjs, views, make_generator(seed, 0, 0, "dropout"))
         for n in names:
             assert torch.allclose(fast[n], slow[n], rtol=1e-12, atol=1e-12), n
-        got = step._fast_grads(fast, names, ctx)
+        got = step.task_grads(fast, ctx)
         for n in names:
             for pn, a, b in zip(pnames, got[n], want[n]):
                 assert (a is None) == (b is None), (n, pn)
@@ -353,7 +366,7 @@ def test_sparse_op_mm_into_accumulates_and_checks_shapes():
 def test_batch_to_device_copies_every_tensor():
     import torch
 
-    from mbssl_dist.model.step import build_batch
+    from mbssl_dist.training import build_batch
 
     csr = [(torch.tensor([0, 2, 3]), torch.tensor([0, 1, 1])), (torch.tensor([0, 1, 2]), torch.tensor([1, 0]))]
     fn = (torch.tensor([0, 1, 2]), torch.tensor([1, 0]))

@@ -183,7 +183,7 @@ def _mlflow_status(db: Path) -> list[str]:
 
 
 def test_a_run_that_raises_is_failed_everywhere(tmp_path, monkeypatch):
-    from mbssl_dist.model import TrainStep
+    from mbssl_dist.training import TrainStep
 
     orig = TrainStep.__call__
     calls = {"n": 0}
@@ -213,7 +213,7 @@ def test_a_run_that_raises_is_failed_everywhere(tmp_path, monkeypatch):
 def test_a_resumed_mlflow_run_holds_each_redone_epoch_once(tmp_path, monkeypatch):
     """Killed after epoch 2 with the newest checkpoint after epoch 1: the rerun redoes epoch 2
     in the same MLflow run; its points must not appear twice (MLflow cannot delete a point)."""
-    from mbssl_dist.model import TrainStep
+    from mbssl_dist.training import TrainStep
 
     orig = TrainStep.__call__
     calls = {"n": 0}

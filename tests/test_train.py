@@ -184,11 +184,11 @@ def test_run_dir_is_locked_while_a_run_writes_it(tmp_path):
 
 def test_adam_betas_reach_the_optimizer():
     from mbssl_dist.config import Config
-    from mbssl_dist.model import MBSSL, TrainStep
-    from mbssl_dist.train import step_config
+    from mbssl_dist.model import MBSSL
+    from mbssl_dist.training import TrainStep
 
     cfg = Config()
     cfg.train.adam_betas = [0.8, 0.95]
     model = MBSSL(5, 4, 2, dim=4, n_layers=1, att_dim=2)
-    ts = TrainStep(model, step_config(cfg, 2))
+    ts = TrainStep(model, cfg.loss, cfg.hmg, cfg.train)
     assert ts.state.optimizer.param_groups[0]["betas"] == (0.8, 0.95)

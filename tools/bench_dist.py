@@ -5,7 +5,7 @@
 For each P it launches ``torch.distributed.run`` with P processes of one thread each and
 measures, on rank 0, after one warm-up step:
   * seconds per training step (forward, all task backwards, HMG, Adam);
-  * seconds of the propagation alone: the training step's own propagation (``MainTape``:
+  * seconds of the propagation alone: the training step's own propagation (``Propagation``:
     forward + one reverse pass for one task) over all K behaviors;
   * bytes per step that rank 0 puts on the wire (``DistComm.bytes_sent``, counted for ring
     algorithms: all-reduce of n bytes 2(P-1)/P·n, reduce-scatter / all-gather (P-1)/P·n);
@@ -47,11 +47,11 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     from mbssl_dist.config import load_config
     from mbssl_dist.data import load_prepared
-    from mbssl_dist.model import make_generator
-    from mbssl_dist.model.tape import MainTape
+    from mbssl_dist.model import Propagation
     from mbssl_dist.parallel.dist import init_distributed, shutdown
     from mbssl_dist.parallel.layout import shard_users, target_views
     from mbssl_dist.train import build_model, epoch_permutation
+    from mbssl_dist.utils.seeding import make_generator
 
     comm, device = init_distributed("cpu", args.collectives)
     cfg = load_config(None, [f"train.batch_size={args.batch_size}", "loss.fn_users=0", "loss.fn_items=0"])
@@ -75,7 +75,7 @@ def worker(args) -> None:
         comm.barrier()
         t_step = (time.perf_counter() - t0) / args.steps
         bytes_step = (sent() - b0) / args.steps
-    # propagation alone: the step's tape, forward + one reverse pass (T = 1)
+    # propagation alone: the step's propagation, forward + one reverse pass (T = 1)
     model = run.model
     model.train()
     L = cfg.model.n_layers
@@ -86,7 +86,7 @@ def worker(args) -> None:
         with torch.no_grad():
             rel = model.relation_layers()
             ego0 = torch.cat([model.user_embedding, model.item_embedding], 0)
-            tape = MainTape(model, run.adjs, comm)
+            tape = Propagation(model, run.adjs, comm)
             out = tape.forward(rel[:L], ego0, make_generator(cfg.train.seed, 0, s, "dropout"))
             tape.backward(torch.ones_like(out).unsqueeze(2))
         comm.barrier()

@@ -21,7 +21,7 @@ HMG over the per-task gradients, Adam). Why it is cheaper than the authors' code
 
 * one full-graph propagation per step, shared by all tasks; the per-task gradients
   (rec, intra, inter_k, plus the decay term) come from ONE hand-written batched reverse pass
-  (``model/tape.py``) with the task cotangents stacked as [K, N, T, d]: each SpMM runs once over
+  (``model/propagation.py``) with the task cotangents stacked as [K, N, T, d]: each SpMM runs once over
   T·d columns and each matmul once over N·T rows (the authors back-propagate the graph once per
   task), with all large stacks in a reused workspace (no page faults) and the SpMMs writing
   straight into it (scipy's kernel accumulating onto the readout cotangent);
@@ -60,13 +60,15 @@ def child(args) -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     sys.path.insert(0, str(ROOT))
     from profile_step import build
-    from mbssl_dist.model import make_generator  # noqa: F401
     from mbssl_dist.parallel.comm import LocalComm
     from mbssl_dist.parallel.layout import target_views
 
     cfg, ds, part, model, step, adjs, views, batch = build(args.data, args.batch_size, args.set, "random", 10,
                                                            args.threads)
-    step.fast = not args.autograd
+    if args.autograd:
+        from tests.autograd_model import autograd_step
+
+        step = autograd_step(step)
     t0 = time.perf_counter()
     if cfg.loss.use_intra:
         views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, cfg.train.seed, 1, LocalComm(),

@@ -41,10 +41,11 @@ def build(data: str, batch_size: int, sets: list[str], fn: str = "random", fn_n:
     """Everything one training step needs: (cfg, ds, part, model, step, adjs, views, batches)."""
     from mbssl_dist.config import load_config
     from mbssl_dist.data import load_prepared
-    from mbssl_dist.model import MBSSL, TrainStep, build_batch, make_generator
+    from mbssl_dist.model import MBSSL
     from mbssl_dist.parallel.comm import LocalComm
     from mbssl_dist.parallel.layout import shard_users, target_views
-    from mbssl_dist.train import step_config
+    from mbssl_dist.training import TrainStep, build_batch
+    from mbssl_dist.utils.seeding import make_generator
 
     if threads:
         torch.set_num_threads(threads)
@@ -61,7 +62,7 @@ def build(data: str, batch_size: int, sets: list[str], fn: str = "random", fn_n:
                   dropout=m.dropout, use_cdm=m.use_cdm, interaction_scoring=m.interaction_scoring,
                   n_users_global=ds.n_users, user_ids=torch.from_numpy(part.users),
                   init_generator=make_generator(seed, 0, 0, "init"))
-    step = TrainStep(model, step_config(cfg, K), comm)
+    step = TrainStep(model, cfg.loss, cfg.hmg, cfg.train, comm)
     views = None
     if cfg.loss.use_intra:
         views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, seed, 0, comm, m.norm, dtype, "cpu")
@@ -93,14 +94,18 @@ def main(argv=None) -> int:
     ap.add_argument("--fn-n", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     ap.add_argument("--autograd", action="store_true",
-                    help="reference path: one autograd backward per task (TrainStep.fast = False)")
+                    help="the test oracle: one autograd backward per task (tests/autograd_model.py)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     cfg, ds, part, model, step, adjs, views, batch = build(args.data, args.batch_size, args.set, args.fn, args.fn_n,
                                                            args.threads)
     t_setup = time.perf_counter() - t0
-    step.fast = not args.autograd
+    if args.autograd:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.autograd_model import autograd_step
+
+        step = autograd_step(step)
     print(f"data {args.data}: {ds.n_users} users x {ds.n_items} items, behaviors {ds.behaviors}, "
           f"train {ds.counts()}; setup {t_setup:.1f}s; torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, tasks {step.tasks}, "

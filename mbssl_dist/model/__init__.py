@@ -1,14 +1,6 @@
-"""MBSSL model, losses, hybrid gradient manipulation and the training step."""
+"""The MBSSL encoder (its propagation written once, forward and reverse), score and interaction term."""
 
-from .hmg import HMG, STRATEGIES
-from .losses import (Anchors, InteractionTerms, InterBehaviorInfoNCE, IntraBehaviorInfoNCE, NonSamplingLoss,
-                     info_nce)
-from .mbssl import MBSSL, Propagated, VIEW_MODES
-from ..utils.seeding import make_generator
-from .step import (Batch, NonFiniteLossError, StepResult, TrainConfig, TrainState, TrainStep, build_batch,
-                   make_views)
+from .mbssl import MBSSL, Propagated
+from .propagation import Propagation
 
-__all__ = ["MBSSL", "Propagated", "VIEW_MODES", "NonSamplingLoss", "InterBehaviorInfoNCE", "IntraBehaviorInfoNCE",
-           "Anchors", "InteractionTerms", "info_nce", "HMG", "STRATEGIES", "Batch",
-           "build_batch", "make_generator", "make_views", "TrainConfig", "TrainState", "TrainStep", "StepResult",
-           "NonFiniteLossError"]
+__all__ = ["MBSSL", "Propagated", "Propagation"]

@@ -1,70 +1,48 @@
-"""The MBSSL encoder (behavior-aware GNN + cross-behavior attention), distributed-ready.
+"""The MBSSL encoder (behavior-aware GNN + cross-behavior attention), its score and interaction
+term, distributed-ready.
 
 Behavior of the authors' code (``Scofield666/MBSSL``, ``MBSSL.py``, class ``GHCF.forward``) that
 this module reproduces, per layer ``l`` and behavior ``k`` (target = last):
 
-* message: ``m_k = Â_k · E_k^l`` over the bipartite graph (users from items, items from users,
-  both from layer ``l``), then ``h_k = LeakyReLU((m_k ⊙ r_k^l) W^l)`` with the default
-  negative slope 0.01 and ``W^l`` shared by all behaviors;
-* CDM (GATNE-style self attention, one head): for every node and behavior ``i``,
-  ``a_i = softmax_j(w2_iᵀ tanh(W1_iᵀ h_j))``, ``e_i = Σ_j a_ij h_j``;
-* message dropout (inverted, p = 0.3) on the CDM output of every behavior; the dropped
-  embedding is both the next layer's input and what is accumulated in the readout;
-* relation vectors ``r_k^{l+1} = r_k^l W_b^l`` (row vector times matrix);
-* readout = mean over layers 0..L (layer 0 = the raw embedding, shared by all behaviors),
-  relation readout = mean of r_k^0..r_k^L;
+* message: ``m_k = Â_k · E_k^l`` over the bipartite graph, then ``h_k = LeakyReLU((m_k ⊙ r_k^l) W^l)``
+  (slope 0.01) with ``W^l`` shared by all behaviors;
+* CDM (GATNE-style self attention, one head): ``a_i = softmax_j(w2_iᵀ tanh(W1_iᵀ h_j))``,
+  ``e_i = Σ_j a_ij h_j``;
+* message dropout (inverted, p = 0.3) on the CDM output: the dropped embedding is both the next
+  layer's input and what the readout accumulates;
+* relation vectors ``r_k^{l+1} = r_k^l W_b^l``;
+* readout = mean over layers 0..L (layer 0 = the raw embedding), relation readout = mean of r^0..r^L;
 * score(u, i) = ⟨e_u,K , e_i,K ⊙ r_K⟩.
 
-Distributed layout (DESIGN.md §4, refined): the module holds embedding rows of its *local*
-users only and all item rows (the item embedding is a replicated parameter). Per layer, the
-user update ``A_ui_local @ E_item`` is local; the item update ``A_iu_local @ E_user_local`` is
-a partial sum that is *reduce-scattered*: each rank receives the summed messages of its own
-contiguous slice of items (``comm.slices``), runs the dense per-layer transform (⊙r, W,
-LeakyReLU, CDM, dropout) on its local users plus that slice only, and all-gathers the slices
-for the next layer's user update. Reduce-scatter + all-gather move the same bytes as one
-all-reduce, but no rank repeats the item transform (replicating it capped the strong-scaling
-efficiency at (U+I)/(P·(U/P+I))). The readout is all-gathered, so losses and scoring see all
-items on every rank. With ``LocalComm`` the slice is all items and this is the full graph.
-
-Randomness never comes from the global torch RNG: parameter init and dropout masks are drawn
-from ``torch.Generator`` objects the caller passes; user rows are drawn for the *global* user
-set and then the local rows are selected, so P ranks draw exactly what one process would.
+The propagation itself (forward and reverse) is :mod:`.propagation`; the module holds the
+parameters: the embedding rows of its *local* users and all item rows (replicated).
+Randomness comes from ``torch.Generator`` objects the caller passes; user rows are drawn for the
+*global* user set and the local rows selected, so P ranks draw what one process would.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..graph.sparse import dense_rows, spmm
+from ..graph.sparse import dense_rows
 from ..parallel.comm import Comm, LocalComm
 from ..utils.seeding import block_uniform
-
-Adjacency = tuple[torch.Tensor, torch.Tensor]  # (A_ui [n_local_users x n_items], A_iu [n_items x n_local_users])
-
-VIEW_MODES = ("target", "full")
+from .propagation import Adjacency, Propagation, Workspace, relation_chain
 
 
 @dataclass
 class Propagated:
-    """Output of one propagation.
-
-    ``users``: [n_local_users, K, d] readout per behavior; ``items``: [n_items, K, d];
-    ``relations``: [K, d] relation readout. ``layer_h`` (main graph only) keeps the pre-CDM
-    per-layer stacks ``h`` ([K, n_local_users + n_items, d] per layer) that the
-    target-only view propagation reuses for the auxiliary behaviors.
-    """
+    """Readouts of one propagation: ``users`` [n_local_users, K, d], ``items`` [n_items, K, d],
+    ``relations`` [K, d]."""
 
     users: torch.Tensor
     items: torch.Tensor
     relations: torch.Tensor
-    layer_h: list[torch.Tensor] = field(default_factory=list, repr=False)
-    layer_rel: list[torch.Tensor] = field(default_factory=list, repr=False)
 
 
 def _xavier_bound(fan_in: int, fan_out: int) -> float:
@@ -199,27 +177,7 @@ class MBSSL(nn.Module):
     # ------------------------------------------------------------- pieces
     def relation_layers(self) -> list[torch.Tensor]:
         """[r^0, ..., r^L], each [K, d]."""
-        r = [self.relation_embedding]
-        for l in range(self.n_layers):
-            r.append(r[-1] @ self.W_rel[l])
-        return r
-
-    def _cdm(self, h: torch.Tensor, only: int | None = None) -> torch.Tensor:
-        """Cross-behavior attention on the behavior-major stack h: [K, N, d].
-        Returns [K, N, d] (all behaviors i) or [N, d] (behavior ``only``)."""
-        if not self.use_cdm:
-            return h if only is None else h[only]
-        K, n, d = h.shape
-        a = self.att_dim
-        if only is None:
-            w1 = self.att_w1.permute(1, 0, 2).reshape(d, K * a)  # [d, (i, a)]
-            t = torch.tanh(h.reshape(K * n, d) @ w1).view(K, n, K, a)  # [j, n, i, a]
-            logits = (t * self.att_w2.unsqueeze(0).unsqueeze(0)).sum(-1)  # [j, n, i]
-            att = torch.softmax(logits, dim=0)  # over j
-            return torch.einsum("jni,jnd->ind", att, h)
-        t = torch.tanh(h.reshape(K * n, d) @ self.att_w1[only]).view(K, n, a)
-        att = torch.softmax(t @ self.att_w2[only], dim=0)  # [j, n]
-        return (att.unsqueeze(-1) * h).sum(0)
+        return relation_chain(self.relation_embedding, list(self.W_rel))
 
     def item_rows(self, comm: Comm) -> tuple[int, int, int]:
         """(first item, number of items, padded slice size S) of this rank's item slice: the
@@ -266,129 +224,21 @@ class MBSSL(nn.Module):
         mi = block_uniform(head, torch.arange(i0, i0 + n_s), self.n_items, self.dim, base, 1, dev)
         return mu, mi
 
-    def _messages(self, adjs: Sequence[Adjacency], x_u: torch.Tensor, x_i: torch.Tensor, comm: Comm) -> torch.Tensor:
-        """Â x per behavior: x_u [K', n_users, d] (local users), x_i [K', n_items, d] (all
-        items). Returns [K', n_users + S, d]: the local users' messages and this rank's item
-        slice of the item messages (partial sums over ranks, reduce-scattered)."""
-        n_i = self.n_items
-        P = comm.world_size
-        i0, n_s, S = self.item_rows(comm)
-        out = []
-        for k, (a_ui, a_iu) in enumerate(adjs):
-            mu = spmm(a_ui, x_i[k])
-            mi = spmm(a_iu, x_u[k])  # [n_items, d], this rank's partial sum
-            if P > 1:
-                mi = comm.reduce_scatter_sum(F.pad(mi, (0, 0, 0, P * S - n_i)).view(P, S, -1))
-            out.append(torch.cat([mu, mi], 0))
-        return torch.stack(out, 0)
-
-    def _gather_items(self, e_i: torch.Tensor, comm: Comm) -> torch.Tensor:
-        """[K', S, d] item slices of every rank -> [K', n_items, d] (all-gather per behavior)."""
-        if comm.world_size == 1:
-            return e_i
-        g = comm.all_gather(e_i.contiguous())  # [P, K', S, d]
-        return g.permute(1, 0, 2, 3).reshape(e_i.shape[0], -1, e_i.shape[2])[:, :self.n_items]
-
-    def _layer(self, m: torch.Tensor, rel_l: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        """h = LeakyReLU((m ⊙ r) W) for a [K', N, d] stack with r: [K', d] (= m @ (diag(r) W))."""
-        return F.leaky_relu(torch.bmm(m, rel_l.unsqueeze(-1) * W.unsqueeze(0)), negative_slope=0.01)
-
-    # ------------------------------------------------------------- forward
+    @torch.no_grad()
     def forward(self, adjs: Sequence[Adjacency], comm: Comm | None = None,
-                generator: torch.Generator | None = None, keep_layers: bool = True) -> Propagated:
-        """Propagate over all behaviors.
-
-        adjs: per behavior (A_ui_local, A_iu_local), normalized, constant values.
-        generator: source of the dropout masks (required in training mode when dropout > 0).
-        keep_layers: keep the per-layer pre-CDM stacks for :meth:`forward_views`.
-        Per layer the item half of the messages is reduce-scattered to the rank owning each
-        item slice, the dense transform runs on local users + the slice, and the slice is
-        all-gathered for the next layer's user messages (and, at the end, the readout).
-        """
+                generator: torch.Generator | None = None) -> Propagated:
+        """Forward-only propagation over all behaviors (evaluation, recommendation): the same
+        :class:`~.propagation.Propagation` the training step runs, with its own scratch space
+        (freed on return). adjs: per behavior (A_ui_local, A_iu_local), normalized.
+        ``generator``: dropout masks, needed in training mode when dropout > 0."""
         comm = comm or LocalComm()
-        K, L = self.n_behaviors, self.n_layers
-        if len(adjs) != K:
-            raise ValueError(f"expected {K} adjacencies, got {len(adjs)}")
-        n_u = self.n_users
+        if len(adjs) != self.n_behaviors:
+            raise ValueError(f"expected {self.n_behaviors} adjacencies, got {len(adjs)}")
         rel = self.relation_layers()
-        x_u = self.user_embedding.unsqueeze(0).expand(K, -1, -1)
-        x_i = self.item_embedding.unsqueeze(0).expand(K, -1, -1)
-        acc = None
-        layer_h: list[torch.Tensor] = []
-        for l in range(L):
-            h = self._layer(self._messages(adjs, x_u, x_i, comm), rel[l], self.W_gc[l])  # [K, n_u + S, d]
-            if keep_layers:
-                layer_h.append(h)
-            e = self._cdm(h)
-            mask = self.drop_mask((K,), generator, comm, e.dtype, e.device)
-            if mask is not None:
-                e = e * mask
-            acc = e if acc is None else acc + e
-            if l < L - 1:
-                x_u, x_i = e[:, :n_u], self._gather_items(e[:, n_u:], comm)
-        if acc is None:
-            out_u = self.user_embedding.unsqueeze(1).expand(-1, K, -1)
-            out_i = self.item_embedding.unsqueeze(1).expand(-1, K, -1)
-        else:
-            out_u = ((acc[:, :n_u] + self.user_embedding) / (L + 1)).permute(1, 0, 2)
-            out_i = ((self._gather_items(acc[:, n_u:], comm) + self.item_embedding) / (L + 1)).permute(1, 0, 2)
-        relations = torch.stack(rel, 0).mean(0)
-        return Propagated(out_u, out_i, relations, layer_h if keep_layers else [], rel)
-
-    def forward_views(self, base: Propagated, view_adjs: Sequence[Adjacency],
-                      adjs: Sequence[Adjacency] | None = None, comm: Comm | None = None,
-                      generator: torch.Generator | None = None, mode: str = "target") -> list[torch.Tensor]:
-        """Target-behavior embeddings of the intra-SSL views.
-
-        view_adjs: one (A_ui, A_iu) of the *target* behavior per view.
-        mode ``target`` (default, fast): only the target behavior is propagated over the view;
-            the auxiliary behaviors' per-layer messages ``h_j`` (j < K) are taken from the main
-            propagation ``base`` (same parameters; gradients flow through them), and the CDM of
-            the target row mixes them with the view's own ``h_K``. Per view this costs one
-            target-behavior SpMM pair, one [N, d] x [d, d] matmul and the target row of the CDM
-            per layer, instead of a full K-behavior propagation. Dropout masks: one [N, d] mask
-            per layer (only the target row exists).
-        mode ``full`` (the authors' code): a full K-behavior propagation per view, auxiliary
-            behaviors over their original graphs, the target over the view. Needs ``adjs``.
-        Returns per view a [n_local_users + n_items, d] tensor (users first).
-        """
-        comm = comm or LocalComm()
-        if mode not in VIEW_MODES:
-            raise ValueError(f"view mode must be one of {VIEW_MODES}, got {mode!r}")
-        K, L = self.n_behaviors, self.n_layers
+        ego0 = torch.cat([self.user_embedding, self.item_embedding], 0)
+        out = Propagation(self, adjs, comm, "eval", ws=Workspace()).forward(rel[:-1], ego0, generator)
         n_u = self.n_users
-        out = []
-        if mode == "full":
-            if adjs is None:
-                raise ValueError("mode='full' needs the main adjacencies")
-            for va in view_adjs:
-                pv = self.forward(list(adjs[:-1]) + [va], comm, generator, keep_layers=False)
-                out.append(torch.cat([pv.users[:, -1], pv.items[:, -1]], 0))
-            return out
-        if len(base.layer_h) != L:
-            raise ValueError("base propagation must be run with keep_layers=True for mode='target'")
-        rel = base.layer_rel if base.layer_rel else self.relation_layers()
-        for va in view_adjs:
-            x_u, x_i = self.user_embedding.unsqueeze(0), self.item_embedding.unsqueeze(0)
-            acc = None
-            for l in range(L):
-                h_t = self._layer(self._messages([va], x_u, x_i, comm), rel[l][K - 1:], self.W_gc[l])  # [1, n_u + S, d]
-                if self.use_cdm and K > 1:
-                    e = self._cdm(torch.cat([base.layer_h[l][:K - 1], h_t], 0), only=K - 1)
-                else:
-                    e = h_t[0]
-                mask = self.drop_mask((), generator, comm, e.dtype, e.device)
-                if mask is not None:
-                    e = e * mask
-                acc = e if acc is None else acc + e
-                if l < L - 1:
-                    x_u, x_i = e[:n_u].unsqueeze(0), self._gather_items(e[n_u:].unsqueeze(0), comm)
-            if acc is None:
-                out.append(torch.cat([self.user_embedding, self.item_embedding], 0))
-                continue
-            acc_i = self._gather_items(acc[n_u:].unsqueeze(0), comm)[0]
-            out.append(torch.cat([acc[:n_u] + self.user_embedding, acc_i + self.item_embedding], 0) / (L + 1))
-        return out
+        return Propagated(out[:, :n_u].permute(1, 0, 2), out[:, n_u:].permute(1, 0, 2), torch.stack(rel, 0).mean(0))
 
     # ------------------------------------------------------------- scoring
     def interaction_term(self, indicators: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
@@ -445,7 +295,7 @@ class MBSSL(nn.Module):
         self.eval()
         try:
             if prop is None:
-                prop = self.forward(adjs, comm, keep_layers=False)
+                prop = self.forward(adjs, comm)
             return self.score(prop, users, user_items=user_items)
         finally:
             self.train(was)
