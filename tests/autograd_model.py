@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mbssl_dist.graph import view_keep
 from mbssl_dist.graph.sparse import spmm
-from mbssl_dist.model.propagation import ACTIVATION, Adjacency
+from mbssl_dist.model.propagation import ACTIVATION, CDM, Adjacency
 from mbssl_dist.parallel.comm import Comm, LocalComm
 from mbssl_dist.training import TrainStep
 from mbssl_dist.utils.seeding import make_generator
@@ -41,11 +41,11 @@ def cdm(model, h: torch.Tensor, only: int | None = None) -> torch.Tensor:
     a = model.att_dim
     if only is None:
         w1 = model.att_w1.permute(1, 0, 2).reshape(d, K * a)  # [d, (i, a)]
-        t = torch.tanh(h.reshape(K * n, d) @ w1).view(K, n, K, a)  # [j, n, i, a]
+        t = CDM.squash_(h.reshape(K * n, d) @ w1).view(K, n, K, a)  # [j, n, i, a]
         logits = (t * model.att_w2.unsqueeze(0).unsqueeze(0)).sum(-1)  # [j, n, i]
         att = torch.softmax(logits, dim=0)  # over j
         return torch.einsum("jni,jnd->ind", att, h)
-    t = torch.tanh(h.reshape(K * n, d) @ model.att_w1[only]).view(K, n, a)
+    t = CDM.squash_(h.reshape(K * n, d) @ model.att_w1[only]).view(K, n, a)
     att = torch.softmax(t @ model.att_w2[only], dim=0)  # [j, n]
     return (att.unsqueeze(-1) * h).sum(0)
 
@@ -76,8 +76,8 @@ def gather_items(model, e_i: torch.Tensor, comm: Comm) -> torch.Tensor:
 
 
 def layer(model, m: torch.Tensor, rel_l: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """h = LeakyReLU((m ⊙ r) W) for a [K', N, d] stack with r: [K', d] (= m @ (diag(r) W))."""
-    return F.leaky_relu(torch.bmm(m, rel_l.unsqueeze(-1) * W.unsqueeze(0)), negative_slope=ACTIVATION.slope)
+    """h = act((m ⊙ r) W) for a [K', N, d] stack with r: [K', d] (= m @ (diag(r) W))."""
+    return ACTIVATION(torch.bmm(m, rel_l.unsqueeze(-1) * W.unsqueeze(0)))  # autograd differentiates it here
 
 
 def forward(model, adjs: Sequence[Adjacency], comm: Comm | None = None,

@@ -88,7 +88,8 @@ def test_forward_matches_naive_reference(use_cdm):
         u, i, r = _naive(m, gs)
     assert p.users.shape == (NU, K, 4) and p.items.shape == (NI, K, 4)
     assert torch.allclose(p.users, u) and torch.allclose(p.items, i) and torch.allclose(p.relations, r)
-    s = m.recommend(torch.tensor([0, 3]), _adjs(gs))
+    with torch.no_grad():
+        s = m.score(m(_adjs(gs)), torch.tensor([0, 3]))
     want = u[[0, 3], -1] @ (i[:, -1] * r[-1]).T
     assert torch.allclose(s, want)
 
@@ -182,7 +183,7 @@ def test_interaction_per_item_score():
         want = p.users[users, -1] @ (p.items[:, -1] * p.relations[-1]).T + torch.arange(NI, dtype=D)
         for k, wk in enumerate([0.5, -1.0]):
             want = want + X[k][users] * (wk + v[k])
-        got = m.recommend(users, adjs, user_items=[x.to_sparse_csr() for x in X])
+        got = m.score(m(adjs), users, user_items=[x.to_sparse_csr() for x in X])
         assert torch.allclose(got, want)
         # the pair form used by the losses (indicator rows + item ids) gives the same term
         base = p.users[users[1], -1] @ (p.items[:, -1] * p.relations[-1]).T + torch.arange(NI, dtype=D)
@@ -204,7 +205,7 @@ def test_interaction_scoring_score():
         base = p.users[users, -1] @ (p.items[:, -1] * p.relations[-1]).T
         want = base + torch.arange(NI, dtype=D) + 0.5 * X[0][users] - 1.0 * X[1][users]  # target indicator off
         csr = [x.to_sparse_csr() for x in X]
-        assert torch.allclose(m.recommend(users, adjs, user_items=csr), want)
+        assert torch.allclose(m.score(m(adjs), users, user_items=csr), want)
 
 
 # ----------------------------------------------------------------------------- step

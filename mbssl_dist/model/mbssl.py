@@ -87,15 +87,9 @@ class MBSSL(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if n_behaviors < 1:
             raise ValueError("n_behaviors must be >= 1")
-        self.n_users = int(n_users)
-        self.n_items = int(n_items)
-        self.n_behaviors = int(n_behaviors)
-        self.dim = int(dim)
-        self.n_layers = int(n_layers)
-        self.att_dim = int(att_dim)
-        self.dropout = float(dropout)
-        self.use_cdm = bool(use_cdm)
-        self.interaction_scoring = bool(interaction_scoring)
+        self.n_users, self.n_items, self.n_behaviors = int(n_users), int(n_items), int(n_behaviors)
+        self.dim, self.n_layers, self.att_dim = int(dim), int(n_layers), int(att_dim)
+        self.dropout, self.use_cdm, self.interaction_scoring = float(dropout), bool(use_cdm), bool(interaction_scoring)
         self.interaction_include_target = bool(interaction_include_target)
         self.interaction_per_item = bool(interaction_per_item) and self.interaction_scoring
         self.n_users_global = int(n_users_global if n_users_global is not None else n_users)
@@ -118,22 +112,12 @@ class MBSSL(nn.Module):
         self.relation_embedding = nn.Parameter(torch.empty(K, d, dtype=dtype))
         self.W_gc = nn.ParameterList([nn.Parameter(torch.empty(d, d, dtype=dtype)) for _ in range(L)])
         self.W_rel = nn.ParameterList([nn.Parameter(torch.empty(d, d, dtype=dtype)) for _ in range(L)])
-        if self.use_cdm:
-            self.att_w1 = nn.Parameter(torch.empty(K, d, self.att_dim, dtype=dtype))
-            self.att_w2 = nn.Parameter(torch.empty(K, self.att_dim, dtype=dtype))
-        else:
-            self.register_parameter("att_w1", None)
-            self.register_parameter("att_w2", None)
-        if self.interaction_scoring:
-            self.behavior_weight = nn.Parameter(torch.zeros(K, dtype=dtype))
-            self.item_bias = nn.Parameter(torch.zeros(self.n_items, dtype=dtype))
-        else:
-            self.register_parameter("behavior_weight", None)
-            self.register_parameter("item_bias", None)
-        if self.interaction_per_item:
-            self.behavior_item_weight = nn.Parameter(torch.zeros(K, self.n_items, dtype=dtype))
-        else:
-            self.register_parameter("behavior_item_weight", None)
+        optional = [("att_w1", (K, d, self.att_dim), self.use_cdm), ("att_w2", (K, self.att_dim), self.use_cdm),
+                    ("behavior_weight", (K,), self.interaction_scoring),
+                    ("item_bias", (self.n_items,), self.interaction_scoring),
+                    ("behavior_item_weight", (K, self.n_items), self.interaction_per_item)]
+        for name, shape, on in optional:  # absent ones stay None (ablations, plain scoring)
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype)) if on else None)
         self.reset_parameters(init_generator)
 
     # ------------------------------------------------------------------ init
@@ -189,40 +173,23 @@ class MBSSL(nn.Module):
     def drop_mask(self, head: tuple[int, ...], generator: torch.Generator | None, comm: Comm,
                   dtype, device, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """Inverted-dropout multipliers, shape head + [n_users + S, d] (local users, this rank's
-        item slice, zero padding), written into ``out`` when given; None when not training (see
-        :meth:`drop_uniforms`). The autograd path and the tape both take their masks here."""
-        uni = self.drop_uniforms(head, generator, comm)
-        if uni is None:
-            return None
-        mu, mi = uni
-        p = self.dropout
-        ax = len(head)
-        n_u = self.n_users
-        _, n_s, S = self.item_rows(comm)
-        if out is None:
-            out = torch.empty(head + (n_u + S, self.dim), dtype=dtype, device=device)
-        out.narrow(ax, 0, n_u).copy_(mu >= p)
-        out.narrow(ax, n_u, n_s).copy_(mi >= p)
-        out.narrow(ax, n_u + n_s, S - n_s).zero_()
-        return out.mul_(1.0 / (1.0 - p))
-
-    def drop_uniforms(self, head: tuple[int, ...], generator: torch.Generator | None,
-                      comm: Comm) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The uniforms behind one dropout mask: (local users [*head, n_users, d], this rank's
-        item slice [*head, n_s, d]); None when not training. One draw from ``generator`` seeds
-        the call; rows come from per-block generators keyed by global ids (:func:`block_uniform`),
-        so every rank draws what one process would for the same rows, and no more blocks."""
+        item slice, zero padding), written into ``out`` when given; None when not training. One
+        draw from ``generator`` seeds the call; rows come from per-block generators keyed by
+        global ids (:func:`block_uniform`), so every rank draws what one process would."""
         if not self.training or self.dropout <= 0.0:
             return None
         if generator is None:
             raise ValueError("training-mode forward with dropout needs a torch.Generator (rank-consistent randomness)")
-        dev = generator.device
+        dev, p, ax, n_u = generator.device, self.dropout, len(head), self.n_users
         base = int(torch.randint(0, 1 << 62, (1,), generator=generator, device=dev).item())
-        i0, n_s, _ = self.item_rows(comm)
-        uids = self.user_ids if self.user_ids is not None else torch.arange(self.n_users)
-        mu = block_uniform(head, uids, self.n_users_global, self.dim, base, 0, dev)
+        i0, n_s, S = self.item_rows(comm)
+        uids = self.user_ids if self.user_ids is not None else torch.arange(n_u)
+        out = torch.empty(head + (n_u + S, self.dim), dtype=dtype, device=device) if out is None else out
+        out.narrow(ax, 0, n_u).copy_(block_uniform(head, uids, self.n_users_global, self.dim, base, 0, dev) >= p)
         mi = block_uniform(head, torch.arange(i0, i0 + n_s), self.n_items, self.dim, base, 1, dev)
-        return mu, mi
+        out.narrow(ax, n_u, n_s).copy_(mi >= p)
+        out.narrow(ax, n_u + n_s, S - n_s).zero_()
+        return out.mul_(1.0 / (1.0 - p))
 
     @torch.no_grad()
     def forward(self, adjs: Sequence[Adjacency], comm: Comm | None = None,
@@ -284,18 +251,3 @@ class MBSSL(nn.Module):
                         wk = wk + (v if items is None else v[items])
                     s = s + rows * wk
         return s
-
-    @torch.no_grad()
-    def recommend(self, users: torch.Tensor, adjs: Sequence[Adjacency], comm: Comm | None = None,
-                  user_items: Sequence[torch.Tensor] | None = None, prop: Propagated | None = None) -> torch.Tensor:
-        """Eval-mode scores [len(users), n_items] (no dropout). Pass ``prop`` to reuse one
-        propagation over many user batches. Note: in a distributed run every rank must call the
-        propagation (it contains a collective)."""
-        was = self.training
-        self.eval()
-        try:
-            if prop is None:
-                prop = self.forward(adjs, comm)
-            return self.score(prop, users, user_items=user_items)
-        finally:
-            self.train(was)

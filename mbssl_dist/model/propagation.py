@@ -67,15 +67,6 @@ class Workspace:
         return t[:n].view(tuple(shape))
 
 
-def workspace(model) -> Workspace:
-    """The model's training workspace (per model object, so per rank)."""
-    ws = getattr(model, "_tape_ws", None)
-    if ws is None:
-        ws = Workspace()
-        object.__setattr__(model, "_tape_ws", ws)
-    return ws
-
-
 # ----------------------------------------------------------------------------- messages
 class Messages:
     """Â x per behavior and its transpose in the item-sliced layout: users from all items (local),
@@ -246,11 +237,20 @@ class CDM:
         self.K, self.a, self.d = model.n_behaviors, model.att_dim, model.dim
         self.w1, self.w2 = model.att_w1.detach(), model.att_w2.detach()
 
+    @staticmethod
+    def squash_(u: torch.Tensor) -> torch.Tensor:
+        """The attention score's nonlinearity (tanh, in place) and, below, its derivative from the output."""
+        return u.tanh_()
+
+    @staticmethod
+    def squash_grad(t: torch.Tensor) -> torch.Tensor:
+        return 1.0 - t * t
+
     def forward(self, h: torch.Tensor, e: torch.Tensor, buf, l: int) -> tuple:
         K, a, d = self.K, self.a, self.d
         N = h.shape[1]
         w1 = self.w1.permute(1, 0, 2).reshape(d, K * a)
-        t = torch.mm(h.view(K * N, d), w1, out=buf(f"t{l}", (K * N, K * a), h)).tanh_()
+        t = self.squash_(torch.mm(h.view(K * N, d), w1, out=buf(f"t{l}", (K * N, K * a), h)))
         logits = (t.view(K * N, K, a) * self.w2).sum(-1).view(K, N, K)  # [j, n, i]
         att = torch.softmax(logits, dim=0)
         for i in range(K):
@@ -279,7 +279,7 @@ class CDM:
         g_log = g_log.permute(3, 1, 2, 0).contiguous()  # [j, n, T, i]
         tk = t.view(K, N, K, a)
         grads.att_w2[sl] += torch.einsum("jnti,jnia->tia", g_log, tk)
-        dsc = (1.0 - tk * tk).mul_(self.w2).unsqueeze(2)  # d logits / d u: task-independent
+        dsc = self.squash_grad(tk).mul_(self.w2).unsqueeze(2)  # d logits / d u: task-independent
         g_u = torch.mul(g_log.unsqueeze(-1), dsc, out=buf("gU", (K, N, T, K, a), g_e))  # [j, n, T, i, a]
         grads.att_w1[sl] += (h.view(K * N, d).T @ g_u.view(K * N, T * K * a)).view(d, T, K, a).permute(1, 2, 0, 3)
         w1 = self.w1.permute(1, 0, 2).reshape(d, K * a)
@@ -289,7 +289,7 @@ class CDM:
     def forward_target(self, h: torch.Tensor, base: "Propagation", l: int, e: torch.Tensor) -> tuple:
         K = self.K
         hm, lm = base.layers[l].h, base.layers[l].cdm[2]
-        t = torch.tanh(h[0] @ self.w1[K - 1])  # [N, a]
+        t = self.squash_(h[0] @ self.w1[K - 1])  # [N, a]
         att = torch.softmax(torch.cat([lm[:K - 1, :, K - 1], (t @ self.w2[K - 1]).unsqueeze(0)], 0), dim=0)
         torch.mul(h[0], att[K - 1, :, None], out=e[0])
         for j in range(K - 1):
@@ -307,7 +307,7 @@ class CDM:
         g_log = att * (g_att - (att * g_att).sum(0, keepdim=True))  # [j, N]
         extra.add(l, att[:K - 1].unsqueeze(-1) * g, g_log[:K - 1])
         grads.att_w2[sl, K - 1] += t.T @ g_log[K - 1]
-        g_u = g_log[K - 1].unsqueeze(-1) * self.w2[K - 1] * (1.0 - t * t)  # [N, a]
+        g_u = g_log[K - 1].unsqueeze(-1) * self.w2[K - 1] * self.squash_grad(t)  # [N, a]
         grads.att_w1[sl, K - 1] += h0.T @ g_u
         g.mul_(att[K - 1].unsqueeze(-1)).addmm_(g_u, self.w1[K - 1].T)
         return g_e
@@ -375,7 +375,8 @@ class Propagation:
     def __init__(self, model, adjs: Sequence[Adjacency], comm: Comm, tag: str = "main",
                  base: "Propagation | None" = None, ws: Workspace | None = None) -> None:
         self.model, self.comm, self.base, self.tag = model, comm, base, tag
-        self.ws = ws if ws is not None else workspace(model)
+        # training reuses the model's workspace (one per model object, so per rank)
+        self.ws = ws if ws is not None else model.__dict__.setdefault("_workspace", Workspace())
         self.msg = Messages(adjs, model, comm, self._buf)
         self.n_loc = model.n_users + self.msg.S  # rows of the layer stacks
         self.cdm = CDM(model) if model.use_cdm and (base is None or model.n_behaviors > 1) else None
@@ -430,10 +431,6 @@ class Propagation:
         into = Grads.zeros(m, T, n_u + n_i, g_out) if into is None else into
         sl = slice(None) if task is None else slice(task, task + 1)
         g_acc, g_ego_i = readout_backward(g_out.div_(L + 1), self.msg, self._buf)
-        if L == 0:
-            into.ego[:n_u, sl] += g_acc[:, :n_u].sum(0)
-            into.ego[n_u:, sl] += g_ego_i
-            return into
         g_e = self._buf("gE", (Kp, N, T, d), g_out).copy_(g_acc)
         for l in reversed(range(L)):
             lay = self.layers[l]
@@ -450,10 +447,7 @@ class Propagation:
                 g_h[:Kp - 1, :, views.task] += views.h[l]
             g_m, g_W, g_r = Transform.backward(g_h, lay.h, lay.m, self.rel[l], m.W_gc[l].detach(), self._buf, view)
             into.W_gc[l, sl] += g_W
-            if view:
-                into.rel[l, sl, m.n_behaviors - 1] += g_r[:, 0]
-            else:
-                into.rel[l, sl] += g_r
+            into.rel[l, sl, slice(m.n_behaviors - 1, None) if view else slice(None)] += g_r
             g_e.copy_(g_acc)  # = g_acc + Âᵀ g_m below
             self.msg.backward(g_m.view(Kp, N, T * d), g_e.view(Kp, N, T * d),
                               g_ego_i.view(n_i, T * d) if l == 0 else None)

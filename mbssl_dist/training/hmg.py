@@ -130,28 +130,13 @@ class HMG:
         gamma = torch.zeros(T, J, dtype=torch.float64)
         projected = torch.zeros(T, J, dtype=torch.bool)
         rescaled = torch.zeros(T, J, dtype=torch.bool)
-        r = self.relax
-        s = self.strategy
+        r, s = self.relax, self.strategy
         for t in range(1, T):
             for j in range(J):
-                conflict = bool(dot[t, j] < 0) and bool(n2[0, j] > 0)
-                do_proj = False
-                do_scale = False
-                if s == "hmg":
-                    if m[t, j] > m[0, j]:
-                        do_proj = conflict
-                        do_scale = True
-                elif s == "A":
-                    do_proj = conflict
-                elif s == "B":
-                    do_scale = bool(m[t, j] > 0)
-                elif s == "C":
-                    do_proj = conflict
-                    do_scale = bool(m[t, j] > 0)
-                g_coef = 0.0
-                if do_proj:
-                    g_coef = -float(dot[t, j] / n2[0, j])
-                    projected[t, j] = True
+                larger = s == "hmg" and bool(m[t, j] > m[0, j])  # HMG acts only where the aux norm is larger
+                do_proj = bool(dot[t, j] < 0) and bool(n2[0, j] > 0) and (larger or s in ("A", "C"))
+                do_scale = larger or (s in ("B", "C") and bool(m[t, j] > 0))
+                projected[t, j] = do_proj
                 a = 1.0
                 if do_scale:
                     m_aux = float(m[t, j])
@@ -162,7 +147,7 @@ class HMG:
                         a = r * float(m[0, j]) / m_aux + (1.0 - r)
                         rescaled[t, j] = a != 1.0
                 alpha[t, j] = a
-                gamma[t, j] = a * g_coef
+                gamma[t, j] = a * (-float(dot[t, j] / n2[0, j]) if do_proj else 0.0)
 
         combined: list[torch.Tensor | None] = []
         for j in range(J):

@@ -385,65 +385,46 @@ class InterBehaviorInfoNCE(nn.Module):
     times ``weight`` (the reference's ``ssl_reg_inter[k]``, default 1).
     """
 
+    uses_false_negatives = True
+
     def __init__(self, tau: float = 0.5, fn_mode: str = "remove", user_side: bool = True, item_side: bool = True,
                  item_extra_zero_logits: int = 0) -> None:
         super().__init__()
         if fn_mode not in FN_MODES:
             raise ValueError(f"fn_mode must be one of {FN_MODES}, got {fn_mode!r}")
-        self.tau = float(tau)
-        self.fn_mode = fn_mode
-        self.user_side = user_side
-        self.item_side = item_side
+        self.tau, self.fn_mode = float(tau), fn_mode
+        self.user_side, self.item_side = user_side, item_side
         self.item_extra_zero_logits = int(item_extra_zero_logits)
 
-    def forward(self, user_tar: torch.Tensor, user_aux: torch.Tensor, user_anchors: Anchors | None,
-                item_tar: torch.Tensor, item_aux: torch.Tensor, item_anchors: Anchors | None,
+    def forward(self, user_a: torch.Tensor, user_b: torch.Tensor, user_anchors: Anchors | None,
+                item_a: torch.Tensor, item_b: torch.Tensor, item_anchors: Anchors | None,
                 comm: Comm | None = None, user_candidate_ids: torch.Tensor | None = None,
                 weight: float = 1.0) -> torch.Tensor:
-        """user_tar/user_aux: [n_local_users, d] target/aux reps of the local users (candidates =
-        all rows of ``user_aux``); item_tar/item_aux: [n_items, d]. Anchors index these rows."""
+        """user_a/user_b: [n_local_users, d] anchor/positive reps of the local users (candidates =
+        all rows of ``user_b``); item_a/item_b: [n_items, d]. Anchors index these rows."""
         comm = comm or LocalComm()
-        total = user_tar.new_zeros(())
-        if self.user_side and user_anchors is not None:
-            r = user_anchors.rows
-            total = total + info_nce(user_tar[r], user_aux[r], user_aux, self.tau, user_anchors, comm,
-                                     candidates_sharded=True, candidate_ids=user_candidate_ids, fn_mode=self.fn_mode)
-        if self.item_side and item_anchors is not None:
-            r = item_anchors.rows
-            total = total + info_nce(item_tar[r], item_aux[r], item_aux, self.tau, item_anchors, comm,
-                                     candidates_sharded=False, fn_mode=self.fn_mode,
-                                     extra_zero_logits=self.item_extra_zero_logits)
+        total = user_a.new_zeros(())
+        sides = [(self.user_side, user_a, user_b, user_anchors, True), (self.item_side, item_a, item_b, item_anchors, False)]
+        for on, a, b, anchors, sharded in sides:
+            if not on or anchors is None:
+                continue
+            if not self.uses_false_negatives:
+                anchors = Anchors(anchors.rows, anchors.weight, anchors.ids)
+            r = anchors.rows
+            total = total + info_nce(a[r], b[r], b, self.tau, anchors, comm, candidates_sharded=sharded,
+                                     candidate_ids=user_candidate_ids if sharded else None, fn_mode=self.fn_mode,
+                                     extra_zero_logits=0 if sharded else self.item_extra_zero_logits)
         return weight * total
 
 
-class IntraBehaviorInfoNCE(nn.Module):
+class IntraBehaviorInfoNCE(InterBehaviorInfoNCE):
     """Intra-behavior SSL (paper Eq 8–9; reference ``SSLoss``): anchor = target rep in view 1,
     positive = the same node in view 2, candidates = all nodes in view 2 (no false-negative
     removal). Anchors (reference): every (batch user, purchased item) pair, i.e. users weighted
     by their number of target positives and the purchased items with multiplicity."""
 
+    uses_false_negatives = False
+
     def __init__(self, tau: float = 0.5, user_side: bool = True, item_side: bool = True,
                  item_extra_zero_logits: int = 0) -> None:
-        super().__init__()
-        self.tau = float(tau)
-        self.user_side = user_side
-        self.item_side = item_side
-        self.item_extra_zero_logits = int(item_extra_zero_logits)
-
-    def forward(self, user_v1: torch.Tensor, user_v2: torch.Tensor, user_anchors: Anchors | None,
-                item_v1: torch.Tensor, item_v2: torch.Tensor, item_anchors: Anchors | None,
-                comm: Comm | None = None, user_candidate_ids: torch.Tensor | None = None,
-                weight: float = 1.0) -> torch.Tensor:
-        comm = comm or LocalComm()
-        total = user_v1.new_zeros(())
-        if self.user_side and user_anchors is not None:
-            r = user_anchors.rows
-            ua = Anchors(r, user_anchors.weight, user_anchors.ids)
-            total = total + info_nce(user_v1[r], user_v2[r], user_v2, self.tau, ua, comm,
-                                     candidates_sharded=True, candidate_ids=user_candidate_ids)
-        if self.item_side and item_anchors is not None:
-            r = item_anchors.rows
-            ia = Anchors(r, item_anchors.weight, item_anchors.ids)
-            total = total + info_nce(item_v1[r], item_v2[r], item_v2, self.tau, ia, comm,
-                                     candidates_sharded=False, extra_zero_logits=self.item_extra_zero_logits)
-        return weight * total
+        super().__init__(tau, "remove", user_side, item_side, item_extra_zero_logits)

@@ -24,8 +24,7 @@ import torch
 
 from ..config import HMGConfig, LossConfig, TrainConfig
 from ..model.mbssl import MBSSL
-from ..model.propagation import (Adjacency, Grads, Propagation, ViewCotangents, relation_chain_backward,
-                                 workspace)
+from ..model.propagation import Adjacency, Grads, Propagation, ViewCotangents, relation_chain_backward
 from ..parallel.comm import Comm, LocalComm
 from ..utils.seeding import make_generator
 from .batch import Batch
@@ -126,16 +125,11 @@ class TrainStep:
         if self.loss.use_intra:
             if view_adjs is None or len(view_adjs) != 2:
                 raise ValueError("intra SSL needs two view adjacencies of the target behavior")
-            mode = self.loss.view_propagation
-            if mode not in ("target", "full"):
-                raise ValueError(f"unknown view mode {mode!r}")
+            full = self.loss.view_propagation == "full"  # else "target" (config-validated)
             for i, va in enumerate(view_adjs):
-                if mode == "target":
-                    props.append(Propagation(m, [va], comm, f"tview{i}", base=main))
-                    views.append(props[-1].forward(rel[:L], ego0, generator)[0])
-                else:
-                    props.append(Propagation(m, list(adjs[:-1]) + [va], comm, f"view{i}"))
-                    views.append(props[-1].forward(rel[:L], ego0, generator)[K - 1])
+                props.append(Propagation(m, list(adjs[:-1]) + [va], comm, f"view{i}") if full else
+                             Propagation(m, [va], comm, f"tview{i}", base=main))
+                views.append(props[-1].forward(rel[:L], ego0, generator)[K - 1 if full else 0])
             views = [v.detach().requires_grad_() for v in views]
             self._tick("fwd/views")
         return self.losses(users, items, relations, views, batch), Forward(main, props, users, items, views,
@@ -184,7 +178,7 @@ class TrainStep:
         leaves = [fw.users, fw.items] + list(fw.view_out) + [fw.relations] + [p for _, p in direct]
         nv = len(fw.view_out)
         # the reverse pass's input stack: a reused workspace buffer (a fresh one pays page faults)
-        g_out = workspace(m).get("g_out", (K, N, T, d), fw.users).zero_()
+        g_out = fw.main.ws.get("g_out", (K, N, T, d), fw.users).zero_()
         touch, touch_view, g_rel, g_direct, g_views = [False] * T, [False] * T, [None] * T, [()] * T, [None] * T
         self._tick(None)
         for t, n in enumerate(names):
