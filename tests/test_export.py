@@ -61,7 +61,7 @@ def dense_scores(model_dir: Path) -> tuple[np.ndarray, object]:
     part = shard_users(ds, LocalComm())
     adjs = [part.graph.adjacency(k, art.cfg.model.norm) for k in range(ds.n_behaviors)]
     with torch.no_grad():
-        prop = model(adjs, LocalComm(), None, keep_layers=False)
+        prop = model(adjs, LocalComm())
         s = prop.users[:, -1] @ (prop.items[:, -1] * prop.relations[-1]).T
         if model.interaction_scoring:
             s = s + model.item_bias[None, :]
