@@ -118,22 +118,39 @@ def _blocked_ranks(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     """Per held-out entry ``e``: #{j : s[rows_e, j] > st_e} + #{j < cols_e : s[rows_e, j] == st_e}
     over ALL items (the tie rule of the module doc, no candidate mask), comparing at most
     ``block_elems`` scores at once: blocks of R entries x W items with R·W <= block_elems
-    (W < n_items when one row is wider than the block)."""
+    (W < n_items when one row is wider than the block).
+
+    Per block two counts, ``>`` and ``>=`` (int32 sums); their difference is the number of ties
+    in the block. Ties count fully in a block left of the held-out item, not at all right of
+    it; only in the block holding the item, and only where it has a tie besides itself (rare
+    with real scores), are the ties left of it counted one by one."""
     E, n = len(rows), scores.shape[1]
     dev = scores.device
     ranks = torch.zeros(E, dtype=torch.long, device=dev)
+    if E == 0:
+        return ranks
     W = max(1, min(n, block_elems))
     R = max(1, block_elems // W)
     for e0 in range(0, E, R):
         r, t, s_t = rows[e0:e0 + R], cols[e0:e0 + R], st[e0:e0 + R, None]
-        t_max = int(t.max())
+        r0 = int(r[0])
+        contiguous = int(r[-1]) - r0 == len(r) - 1 and bool((r[1:] > r[:-1]).all()) if len(r) > 1 else True
         acc = torch.zeros(len(r), dtype=torch.long, device=dev)
         for c0 in range(0, n, W):
-            blk = scores[:, c0:c0 + W].index_select(0, r)  # [R, W] copy: the only score block
-            acc += (blk > s_t).sum(1)
-            if c0 < t_max:  # ties count only left of the held-out item
-                ids = torch.arange(c0, c0 + blk.shape[1], device=dev)
-                acc += ((blk == s_t) & (ids[None, :] < t[:, None])).sum(1)
+            if contiguous:  # one held-out item per user (leave-one-out): a view, no copy
+                blk = scores[r0:r0 + len(r), c0:c0 + W]
+            else:
+                blk = scores[:, c0:c0 + W].index_select(0, r)  # [R, W] copy
+            c1 = c0 + blk.shape[1]
+            gt = (blk > s_t).sum(1, dtype=torch.int32)
+            eq = (blk >= s_t).sum(1, dtype=torch.int32) - gt
+            acc += gt
+            acc += torch.where(t >= c1, eq, torch.zeros_like(eq))  # block left of the item: every tie is before it
+            hard = (t >= c0) & (t < c1) & (eq > 1)  # the item's own block, with ties besides itself
+            if bool(hard.any()):
+                h = hard.nonzero().squeeze(1)
+                ids = torch.arange(c0, c1, device=dev)
+                acc[h] += ((blk[h] == s_t[h]) & (ids[None, :] < t[h, None])).sum(1)
         ranks[e0:e0 + R] = acc
     return ranks
 

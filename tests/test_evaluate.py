@@ -208,14 +208,15 @@ def test_extra_mask_is_union():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_blocked_ranking_equals_unblocked(seed):
+@pytest.mark.parametrize("multi", [False, True])
+def test_blocked_ranking_equals_unblocked(seed, multi):
     """The blocked ranking (bounded score blocks, sparse mask subtraction) gives sums identical
     to the dense evaluator it replaced, for blocks from 1 entry (narrower than one row) up to
     the whole batch, with ties, -inf scores, masked held-out items and a held-out matrix
-    narrower than the scores."""
+    narrower than the scores; one held-out item per user (score rows read in place) or several."""
     from .oracles import evaluate_sums_unblocked
 
-    scores, held, mask = random_case(seed, n_users=23, n_items=17, n_levels=4)
+    scores, held, mask = random_case(seed, n_users=23, n_items=17, n_levels=4, multi=multi)
     scores[2, :5] = -np.inf
     scores[4, :] = -np.inf
     shape = scores.shape
