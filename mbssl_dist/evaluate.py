@@ -58,6 +58,10 @@ DEFAULT_KS = (10, 50)
 EVAL_BLOCK_ELEMS = 2 ** 23
 """Most score entries held at once by the evaluation (users scored per call x items, and each
 comparison block of the ranking): 2**23 float32 = 32 MiB."""
+RANK_CHUNK_ELEMS = 2 ** 18
+"""Scores compared per pass of the ranking (at most; within EVAL_BLOCK_ELEMS): 1 MiB of float32
+stays in cache between its two counts (``>`` and ``>=``); 2**16..2**18 measured ~1.3x faster
+than 2**23 per score on one core (39,493 items)."""
 PHASES = ("valid", "test")
 
 HeldOut = Union[sp.spmatrix, "tuple[np.ndarray, np.ndarray]"]
@@ -234,7 +238,7 @@ def evaluate_sums(score_fn: Callable[[torch.Tensor], torch.Tensor], users, heldo
             if held.shape[1] > n_items or (mask_csr is not None and mask_csr.shape[1] != n_items):
                 raise ValueError(f"score_fn gives {n_items} items; held-out has {held.shape[1]} columns, "
                                  f"mask {None if mask_csr is None else mask_csr.shape[1]}")
-            if torch.isnan(scores).any():
+            if scores.numel() and bool(torch.isnan(scores.amax())):  # max propagates NaN: no bool matrix
                 raise NonFiniteScoresError("score_fn returned NaN scores")
             dev = scores.device
             B = len(ub)
@@ -245,7 +249,7 @@ def evaluate_sums(score_fn: Callable[[torch.Tensor], torch.Tensor], users, heldo
             hr_t = torch.from_numpy(hr).to(dev)
             hc_t = torch.from_numpy(hc).to(dev)
             st = scores[hr_t, hc_t]
-            ranks = _blocked_ranks(scores, hr_t, hc_t, st, block)
+            ranks = _blocked_ranks(scores, hr_t, hc_t, st, min(block, RANK_CHUNK_ELEMS))
             if mask_csr is not None:
                 msub = mask_csr[ub]
                 msub.data = np.ones_like(msub.data)
