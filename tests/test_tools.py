@@ -1,6 +1,7 @@
 """mbssl_dist.report reads run directories the way the trainer writes them (it replaced
 tools/report_runs.py); tools/bench_vs_authors.py's schedule, ratios and JSON on a fake run."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,25 @@ def test_bench_vs_authors_bad_input(tmp_path):
                            capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2, args
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("MBSSL_AUTHORS_MIRROR"),
+                    reason="needs a bare fetch of Scofield666/MBSSL in $MBSSL_AUTHORS_MIRROR, ~10 GB and ~3 min "
+                           "(not in CI)")
+def test_bench_vs_authors_real_smoke(tmp_path):
+    """One real round of comparison (a), 1 timed step per side: the authors' code rebuilds and
+    runs, and both sides report (opt-in: MBSSL_AUTHORS_MIRROR=<bare git dir>; the pv-less Beibei
+    is prepared here)."""
+    data = tmp_path / "beibei"
+    subprocess.run([sys.executable, "-m", "mbssl_dist.data", "prepare", "--format", "text", "--input",
+                    str(ROOT.parent / "shared" / "data" / "incomplete" / "Beibei"), "--behaviors", "cart,buy",
+                    "--n-users", "21716", "--n-items", "7977", "--out", str(data)], check=True, cwd=ROOT,
+                   capture_output=True)
+    out_json = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_vs_authors.py"), "--data", str(data),
+                        "--mirror", os.environ["MBSSL_AUTHORS_MIRROR"], "--work", str(tmp_path / "w"),
+                        "--only", "a", "--rounds", "1", "--steps", "1", "--warmup", "0", "--json-out", str(out_json)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(out_json.read_text())["summary"]["a"]["rounds"][0]
+    assert s["speedup"] > 0 and s["authors_peak_rss_mib"] > 0
