@@ -153,7 +153,8 @@ class TrainConfig:
     seed: int = 2020
     """Seed of everything random in training (init, batches, dropout, views)."""
     eval_every: int = 1
-    """Validate every E epochs."""
+    """Validate (and test) every E epochs, and after the last; each evaluation ranks all users
+    over all items (its seconds are in the log line and timings.jsonl, README "Speed")."""
     patience: int = 5
     """Stop after this many evaluations without validation improvement (0 = never)."""
     select_metric: str = "recall@10"
@@ -161,7 +162,8 @@ class TrainConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50])
     """Cut-offs of Recall@K and NDCG@K."""
     eval_batch_size: int = 1024
-    """Users scored at once during evaluation."""
+    """Users per evaluation batch (the metric sums' granularity); each batch is scored in
+    sub-batches of at most ``evaluate.EVAL_BLOCK_ELEMS // n_items`` users."""
     max_steps_per_epoch: int = 0
     """Cap on steps per epoch for smoke runs (0 = full epoch)."""
     device: str = "auto"

@@ -430,9 +430,10 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                 improved = history.add(epoch, scores["valid"], scores["test"])
                 if improved:  # the best-validation model -> runs/NAME/model (collective)
                     save_model(run_dir / "model", run, cfg, ds, comm, history.rows[-1])
-                log.info("epoch %d valid: %s | test: %s%s", epoch,
+                log.info("epoch %d valid: %s | test: %s%s | eval %.1fs beside the epoch's %.1fs", epoch,
                          " ".join(f"{k}={v:.4f}" for k, v in scores["valid"].items()),
-                         " ".join(f"{k}={v:.4f}" for k, v in scores["test"].items()), " *" if improved else "")
+                         " ".join(f"{k}={v:.4f}" for k, v in scores["test"].items()), " *" if improved else "",
+                         eval_seconds, timing["seconds"])
                 if history.should_stop():
                     log.info("early stop: no validation improvement in %d evaluations", history.bad)
             every = cfg.checkpoint.every_epochs

@@ -1,9 +1,12 @@
 """mbssl_dist.report reads run directories the way the trainer writes them (it replaced
-tools/report_runs.py)."""
+tools/report_runs.py); tools/bench_vs_authors.py's schedule, ratios and JSON on a fake run."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +43,107 @@ def test_report_final_table_of_run_dirs(tmp_path):
     assert lines[3] == "| y | **0.5000** | 0.5000 | 1 |"
     assert lines[4] == "| z |  |  | 0 |"
     assert "z/- (status KILLED)" in out and "nope/- (no final.json)" in out
+
+
+def _load_bench_vs_authors():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_vs_authors", ROOT / "tools" / "bench_vs_authors.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_refbench(layers, batch, mean):
+    return "REFBENCH " + json.dumps({
+        "users": 21716, "items": 7977, "behs": ["cart", "train"], "batch_size": batch, "layers": layers,
+        "batches_per_epoch": 21716 // batch, "warmup": 1, "timed_batches": 2, "batch_mean_s": mean,
+        "batch_min_s": mean * 0.9, "batch_max_s": mean * 1.1, "aug_views_s": 0.5,
+        "epoch_s_extrapolated": 0.5 + (21716 // batch) * mean, "threads": 1, "maxrss_mib": 9000.0,
+        "rss_now_mib": 7000.0, "load1": 1.0})
+
+
+def test_bench_vs_authors_schedule_summary_and_json(tmp_path, monkeypatch, capsys):
+    """Argument checks, the interleaved schedule, ratios and the JSON, on a fake run: our side
+    and the authors' loop are replaced by stubs (the real authors' code needs a fetch of
+    Scofield666/MBSSL and ~10 GB: not run in CI). The authors' side still goes through a
+    subprocess: a fake run_ref_bench.sh that prints REFBENCH lines."""
+    bva = _load_bench_vs_authors()
+    data = tmp_path / "beibei"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "HEAD").write_text("ref: refs/heads/master\n")
+    fake = tmp_path / "fake_ref.sh"
+    # the fake authors: s/batch 4 with 2 layers, 8 with 4 (LAYERS is '[64,64]' or '[64,64,64,64]')
+    fake.write_text("#!/bin/bash\nset -e\n"
+                    "n=$(echo \"$LAYERS\" | tr -cd ',' | wc -c); n=$((n + 1))\n"
+                    "echo noise line\n"
+                    "python3 -c \"import json,sys; n=int(sys.argv[1]); b=int(sys.argv[2]); m=4.0*n/2; "
+                    "print('REFBENCH ' + json.dumps({'users': 21716, 'items': 7977, 'behs': [], 'batch_size': b, "
+                    "'layers': n, 'batches_per_epoch': 21716 // b, 'warmup': 1, 'timed_batches': int(sys.argv[3]), "
+                    "'batch_mean_s': m, 'batch_min_s': m, 'batch_max_s': m, 'aug_views_s': 0.0, "
+                    "'epoch_s_extrapolated': (21716 // b) * m, 'threads': 1, 'maxrss_mib': 9000.0, "
+                    "'rss_now_mib': 1.0, 'load1': 1.0}))\" $n $BATCH $STEPS\n")
+    calls = []
+
+    def fake_ours(data_, layers, batch, sets, threads, steps, warmup, python):
+        calls.append(("ours", layers, batch, tuple(sets)))
+        n = -(-21716 // batch)
+        mean = 0.5 if batch == 256 else 2.0
+        return {"step_mean_s": mean, "step_min_s": mean, "timed_steps": steps, "steps_per_epoch": n,
+                "views_s": 0.0, "epoch_s": n * mean, "extrapolated": True, "threads": threads,
+                "peak_rss_mib": 1500.0}
+
+    monkeypatch.setattr(bva, "run_ours", fake_ours)
+    out_json = tmp_path / "b.json"
+    rc = bva.main(["--data", str(data), "--mirror", str(mirror), "--ref-script", str(fake), "--work",
+                   str(tmp_path / "w"), "--steps", "2", "--rounds", "2", "--json-out", str(out_json)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "EXTRAPOLATED" in out
+    # ours (a), authors L2, ours (b), ours (c), authors L4, twice
+    res = json.loads(out_json.read_text())
+    order = [(r["side"], r["comparison"]) for r in res["runs"]]
+    assert order == [("ours", "a"), ("authors", "a"), ("ours", "b"), ("ours", "c"), ("authors", "c")] * 2
+    assert calls[:3] == [("ours", 2, 256, ()), ("ours", 2, 2048, ()), ("ours", 2, 2048, ("hmg.relax=1.0",))]
+    s = res["summary"]
+    # (a): authors 84 x 4 s vs ours 85 x 0.5 s; (b): the same authors' run vs 11 x 2 s; (c): 84 x 8 s vs 22 s
+    assert s["a"]["rounds"][0]["speedup"] == pytest.approx(84 * 4 / (85 * 0.5))
+    assert s["b"]["rounds"][1]["speedup"] == pytest.approx(84 * 4 / 22)
+    assert s["c"]["rounds"][0]["speedup"] == pytest.approx(84 * 8 / 22)
+    assert s["c"]["rounds"][0]["rss_ratio"] == pytest.approx(6.0)
+    assert f"**{84 * 8 / 22:.1f}x**" in out
+    assert bva.parse_authors_output("x\n" + _fake_refbench(2, 256, 5.0) + "\nSUMMARY y\n")[0]["layers"] == 2
+
+
+def test_bench_vs_authors_bad_input(tmp_path):
+    """Bad input: one line on stderr, exit 2."""
+    for args in (["--only", "x"], ["--steps", "0"], ["--data", str(tmp_path / "none")]):
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_vs_authors.py"), *args],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2, args
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("MBSSL_AUTHORS_MIRROR"),
+                    reason="needs a bare fetch of Scofield666/MBSSL in $MBSSL_AUTHORS_MIRROR, ~10 GB and ~3 min "
+                           "(not in CI)")
+def test_bench_vs_authors_real_smoke(tmp_path):
+    """One real round of comparison (a), 1 timed step per side: the authors' code rebuilds and
+    runs, and both sides report (opt-in: MBSSL_AUTHORS_MIRROR=<bare git dir>; the pv-less Beibei
+    is prepared here)."""
+    data = tmp_path / "beibei"
+    subprocess.run([sys.executable, "-m", "mbssl_dist.data", "prepare", "--format", "text", "--input",
+                    str(ROOT.parent / "shared" / "data" / "incomplete" / "Beibei"), "--behaviors", "cart,buy",
+                    "--n-users", "21716", "--n-items", "7977", "--out", str(data)], check=True, cwd=ROOT,
+                   capture_output=True)
+    out_json = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_vs_authors.py"), "--data", str(data),
+                        "--mirror", os.environ["MBSSL_AUTHORS_MIRROR"], "--work", str(tmp_path / "w"),
+                        "--only", "a", "--rounds", "1", "--steps", "1", "--warmup", "0", "--json-out", str(out_json)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(out_json.read_text())["summary"]["a"]["rounds"][0]
+    assert s["speedup"] > 0 and s["authors_peak_rss_mib"] > 0
