@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
                 comm = DistComm()
         else:
             comm = LocalComm()
-        autograd = "_autograd" in overrides  # one autograd pass per task instead of the tape
+        autograd = "_autograd" in overrides  # the autograd oracle instead of the batched reverse pass
         if "_small_mask_blocks" in overrides:  # many dropout-mask blocks on this tiny graph
             M.MASK_BLOCK_ROWS = 16
         cfg = small_config([o for o in overrides if not o.startswith("_")])

@@ -306,7 +306,7 @@ def test_make_generator_streams():
     ("target", True, False, 2), ("target", True, True, 3), ("target", False, False, 2), ("full", True, False, 2),
     ("full", False, True, 1), ("target", True, False, 1), ("target", True, "per_item", 2)])
 def test_fast_batched_backward_matches_autograd_per_task(view_mode, use_cdm, interaction, n_layers):
-    """The tape fast path (one batched reverse pass for all tasks) gives the same per-task
+    """The production step (one batched reverse pass for all tasks) gives the same per-task
     gradients as one autograd pass per task, including None for unused parameters."""
     gs = _graphs(7)
     m = MBSSL(NU, NI, K, dim=4, n_layers=n_layers, att_dim=2, dtype=D, use_cdm=use_cdm,
@@ -327,7 +327,7 @@ def test_fast_batched_backward_matches_autograd_per_task(view_mode, use_cdm, int
     names = step.tasks + ["reg"]
     m.train()
     pnames = [k for k, p in m.named_parameters() if p.requires_grad]
-    # twice: the second pass runs on the tapes' reused workspace buffers (stale contents must not leak)
+    # twice: the second pass runs on the reused workspace buffers (stale contents must not leak)
     for seed in (1, 2):
         slow = oracle.compute_losses(step, batch, adjs, views, make_generator(seed, 0, 0, "dropout"))
         want = {n: torch.autograd.grad(slow[n], step.params, retain_graph=True, allow_unused=True) for n in names}

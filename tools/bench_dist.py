@@ -86,9 +86,9 @@ def worker(args) -> None:
         with torch.no_grad():
             rel = model.relation_layers()
             ego0 = torch.cat([model.user_embedding, model.item_embedding], 0)
-            tape = Propagation(model, run.adjs, comm)
-            out = tape.forward(rel[:L], ego0, make_generator(cfg.train.seed, 0, s, "dropout"))
-            tape.backward(torch.ones_like(out).unsqueeze(2))
+            prop = Propagation(model, run.adjs, comm)
+            out = prop.forward(rel[:L], ego0, make_generator(cfg.train.seed, 0, s, "dropout"))
+            prop.backward(torch.ones_like(out).unsqueeze(2))
         comm.barrier()
         if s >= 0:
             times.append(time.perf_counter() - t1)

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     print(f"data {args.data}: {ds.n_users} users x {ds.n_items} items, behaviors {ds.behaviors}, "
           f"train {ds.counts()}; setup {t_setup:.1f}s; torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, tasks {step.tasks}, "
-          f"path {'autograd per task' if args.autograd else 'batched tape'}")
+          f"path {'autograd per task' if args.autograd else 'batched reverse pass'}")
     print(f"load average before: {os.getloadavg()}")
     totals: dict[str, float] = {}
     walls = []

@@ -8,7 +8,7 @@ reduce-scatter and one all-gather per behavior per layer, forward and reverse. H
 writes its payload into its own shared segment, the ranks meet at a spin barrier on shared
 flags, and every rank reads what it needs straight from the others' segments (a memcpy).
 
-Only the no-autograd ``reduce_scatter_sum_`` / ``all_gather_`` (what the tape uses) change;
+Only the no-autograd ``reduce_scatter_sum_`` / ``all_gather_`` (what model/propagation.py uses) change;
 everything else is :class:`DistComm` over the same gloo process group. Segments are files in
 ``/dev/shm`` (or the temporary directory when /dev/shm lacks room) that are unlinked as soon
 as every rank has mapped them, so nothing is left behind even if a rank dies. Buffers are double-buffered per kind: a rank reuses a segment
