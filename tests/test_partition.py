@@ -194,6 +194,20 @@ def test_edge_balanced_unit():
         assign_edge_balanced(deg, 9)
 
 
+def test_lpt_assign_ties_and_cap():
+    """The one LPT of partition (count ties, user cap) and swing (load ties by bin id)."""
+    from mbssl_dist.utils.lpt import lpt_assign
+
+    assert lpt_assign(np.zeros(4), 2).tolist() == [0, 0, 0, 0]  # equal loads: the lower bin id
+    assert lpt_assign(np.zeros(4), 2, count_ties=True).tolist() == [0, 1, 0, 1]  # then fewer items
+    assert lpt_assign(np.array([5, 4, 3, 3]), 2).tolist() == [0, 1, 1, 0]
+    assert lpt_assign(np.array([5, 1, 1, 1]), 2).tolist() == [0, 1, 1, 1]
+    assert lpt_assign(np.array([5, 1, 1, 1]), 2, cap=2).tolist() == [0, 1, 1, 0]  # a full bin takes no more
+    assert lpt_assign(np.array([3.0, 1.0]), 1).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="do not fit"):
+        lpt_assign(np.ones(5), 2, cap=2)
+
+
 @pytest.mark.parametrize("method", CPU_METHODS)
 def test_deterministic(syn, tmp_path, method):
     partition_dataset(syn, tmp_path / "a", 3, method=method, seed=5)

@@ -47,7 +47,6 @@ can add ``"items": "sharded"`` with per-part item lists without breaking readers
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import math
@@ -66,6 +65,7 @@ import torch
 from ..data.dataset import PreparedDataset, load_prepared
 from ..graph.multigraph import BehaviorGraph, MultiBehaviorGraph
 from ..utils.io import atomic_dir, atomic_write_json
+from ..utils.lpt import lpt_assign
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +148,7 @@ def assign_edge_balanced(user_degree: np.ndarray, n_parts: int,
     if user_slack < 0:
         raise PartitionError(f"user_slack must be >= 0, got {user_slack}")
     cap = max(math.ceil(n / n_parts), math.ceil((1.0 + user_slack) * n / n_parts))
-    order = np.lexsort((np.arange(n), -deg))  # degree desc, then id asc
-    out = np.empty(n, dtype=np.int16)
-    heap = [(0, 0, p) for p in range(n_parts)]  # (edges, users, part)
-    for u, d in zip(order.tolist(), deg[order].tolist()):
-        e, c, p = heapq.heappop(heap)
-        out[u] = p
-        if c + 1 < cap:
-            heapq.heappush(heap, (e + d, c + 1, p))
-    return out
+    return lpt_assign(deg, n_parts, cap=cap, count_ties=True).astype(np.int16)
 
 
 def assign_range(user_degree: np.ndarray, n_parts: int) -> np.ndarray:

@@ -34,7 +34,6 @@ No dense ``n x n`` array is ever built (the brute-force oracle lives in ``tests/
 
 from __future__ import annotations
 
-import heapq
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -554,17 +553,3 @@ def topk_dense(S: np.ndarray, topn: int) -> list[list[tuple[int, float]]]:
         out.append([(j, float(S[i, j])) for j in order[:topn]])
     return out
 
-
-def lpt_assign(costs: np.ndarray, n_bins: int) -> np.ndarray:
-    """Greedy longest-processing-time assignment of items to ``n_bins`` (deterministic)."""
-    costs = np.asarray(costs, dtype=np.float64)
-    assign = np.zeros(len(costs), dtype=np.int64)
-    if n_bins <= 1 or len(costs) == 0:
-        return assign
-    order = np.lexsort((np.arange(len(costs)), -costs))
-    heap = [(0.0, b) for b in range(n_bins)]
-    for idx in order:
-        load, b = heapq.heappop(heap)
-        assign[idx] = b
-        heapq.heappush(heap, (load + float(costs[idx]), b))
-    return assign

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from ..utils.lpt import lpt_assign
 from . import core
 from .store import write_part
 
@@ -368,7 +369,7 @@ def run_side_rank(job: SideJob, part_dir: Path, scratch: Path, rank: int, world:
     barrier()
     tasks = job.chunks()
     t0 = time.perf_counter()
-    owner = core.lpt_assign(np.array([t[4] for t in tasks], dtype=np.float64), world)
+    owner = lpt_assign(np.array([t[4] for t in tasks], dtype=np.float64), world)
     mine = [t for t, o in zip(tasks, owner) if o == rank]
     p1 = [phase1(job, t, scratch) for t in mine]
     _save_json(scratch / f"phase1-rank{rank:05d}.json", p1)
