@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -130,14 +130,22 @@ def write_prepared(out_dir: Path, ds: PreparedDataset, extra_tables: dict[str, p
     return manifest
 
 
-def _read(path: Path, cols: list[str]) -> dict[str, np.ndarray]:
+def read_columns(path: str | os.PathLike, cols: list[str],
+                 error: Callable[[str], Exception] | None = None) -> dict[str, np.ndarray]:
+    """The columns ``cols`` of the Parquet file ``path`` as numpy arrays (strings: object).
+
+    A file that cannot be read or lacks a column raises ``DataError`` naming the file, or
+    ``error("PATH: problem")`` where given (the partition reader passes ``PartitionError``)."""
+    def fail(problem: str) -> Exception:
+        return error(f"{path}: {problem}") if error is not None else DataError(problem, file=str(path))
+
     try:
         t = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as e:
-        raise DataError(f"cannot read Parquet file: {e}", file=str(path)) from e
+        raise fail(f"cannot read Parquet file: {e}") from e
     missing = [c for c in cols if c not in t.column_names]
     if missing:
-        raise DataError(f"missing column(s) {missing}; expected {cols}", file=str(path))
+        raise fail(f"missing column(s) {missing}; expected {cols}")
     return {c: t[c].to_numpy() for c in cols}
 
 
@@ -164,9 +172,9 @@ def load_prepared(path: str | os.PathLike) -> PreparedDataset:
     beh = manifest["behaviors"]
     if not isinstance(beh, list) or not beh or not all(isinstance(b, str) and b for b in beh):
         raise DataError(f"behaviors = {beh!r}: expected a non-empty list of names", file=str(mpath))
-    tr = _read(path / "train.parquet", ["user", "item", "behavior"])
-    va = _read(path / "valid.parquet", ["user", "item"])
-    te = _read(path / "test.parquet", ["user", "item"])
+    tr = read_columns(path / "train.parquet", ["user", "item", "behavior"])
+    va = read_columns(path / "valid.parquet", ["user", "item"])
+    te = read_columns(path / "test.parquet", ["user", "item"])
     # Ids beyond the manifest's shape would index out of bounds deep inside swing, partition or
     # the trainer; an edited or mixed-up directory is caught here, naming file and row.
     limits = {"user": ("n_users", manifest["n_users"]), "item": ("n_items", manifest["n_items"]),

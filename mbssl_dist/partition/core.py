@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 import torch
 
-from ..data.dataset import PreparedDataset, load_prepared
+from ..data.dataset import PreparedDataset, load_prepared, read_columns
 from ..graph.multigraph import BehaviorGraph, MultiBehaviorGraph
 from ..utils.io import atomic_dir, atomic_write_json
 from ..utils.lpt import lpt_assign
@@ -423,21 +423,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return m
 
 
-def _read(path: Path, cols: list[str]) -> dict[str, np.ndarray]:
-    try:
-        t = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise PartitionError(f"{path}: cannot read Parquet file: {e}") from e
-    missing = [c for c in cols if c not in t.column_names]
-    if missing:
-        raise PartitionError(f"{path}: missing column(s) {missing}")
-    return {c: t[c].to_numpy(zero_copy_only=False) for c in cols}
-
-
 def load_assignment(path: str | os.PathLike) -> np.ndarray:
     """part id (int16) of every user."""
     m = read_manifest(path)
-    a = _read(Path(path) / "assignment.parquet", ["user", "part"])
+    a = read_columns(Path(path) / "assignment.parquet", ["user", "part"], PartitionError)
     out = np.full(m["n_users"], -1, dtype=np.int16)
     out[a["user"].astype(np.int64)] = a["part"]
     return out
@@ -447,7 +436,7 @@ def load_degrees(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Global degrees: (user_deg int64 [K, n_users], item_deg int64 [K, n_items])."""
     m = read_manifest(path)
     K, U, I = len(m["behaviors"]), m["n_users"], m["n_items"]
-    d = _read(Path(path) / "degrees.parquet", ["behavior", "side", "node", "degree"])
+    d = read_columns(Path(path) / "degrees.parquet", ["behavior", "side", "node", "degree"], PartitionError)
     beh = d["behavior"].astype(np.int64)
     node = d["node"].astype(np.int64)
     is_user = d["side"] == "user"
@@ -508,10 +497,10 @@ def load_partition(path: str | os.PathLike, part: int, dataset_sha256: str | Non
     U, I, behaviors = int(m["n_users"]), int(m["n_items"]), list(m["behaviors"])
     K = len(behaviors)
     d = path / part_dir_name(part)
-    users = _read(d / "users.parquet", ["user"])["user"].astype(np.int64)
+    users = read_columns(d / "users.parquet", ["user"], PartitionError)["user"].astype(np.int64)
     if len(users) != m["per_part"][part]["n_users"] or (len(users) > 1 and (np.diff(users) <= 0).any()):
         raise PartitionError(f"{d}/users.parquet: inconsistent with the manifest or not sorted/unique")
-    e = _read(d / "edges.parquet", ["user", "item", "behavior"])
+    e = read_columns(d / "edges.parquet", ["user", "item", "behavior"], PartitionError)
     eu, ei, eb = (e["user"].astype(np.int64), e["item"].astype(np.int64), e["behavior"].astype(np.int64))
     g2l = np.full(U, -1, dtype=np.int64)
     g2l[users] = np.arange(len(users))
