@@ -51,7 +51,8 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
     try:
         torch.set_num_threads(1)
         from mbssl_dist.parallel.comm import LocalComm
-        from mbssl_dist.parallel.layout import local_part_from_dataset, target_views
+        from mbssl_dist.parallel.layout import target_views
+        from mbssl_dist.parallel.part import local_part_from_dataset
         from mbssl_dist.train import build_model, epoch_permutation
         from tests.autograd_model import autograd_step
 
@@ -292,7 +293,8 @@ def test_single_process_views_equal_the_trainers(tiny_data, mode):
     ``target_views`` draws on one rank: same keep decisions, same view normalization."""
     from tests.autograd_model import make_views
     from mbssl_dist.parallel.comm import LocalComm
-    from mbssl_dist.parallel.layout import local_part_from_dataset, target_views
+    from mbssl_dist.parallel.layout import target_views
+    from mbssl_dist.parallel.part import local_part_from_dataset
 
     ds = load_prepared(tiny_data)
     part = local_part_from_dataset(ds, np.zeros(ds.n_users, np.int16), 0)

@@ -16,13 +16,13 @@ import torch
 
 from mbssl_dist.data.dataset import load_prepared
 from mbssl_dist.graph import MultiBehaviorGraph, dgl_available
+from mbssl_dist.parallel.part import load_partition
 from mbssl_dist.partition import (
     EdgeList,
     PartitionError,
     assign_edge_balanced,
     load_assignment,
     load_degrees,
-    load_partition,
     partition_dataset,
     read_manifest,
 )

@@ -1,5 +1,5 @@
-"""How the work is laid out over ranks (DESIGN.md §4): which users a rank owns, the local
-graph with global degrees, the gradient all-reduce of replicated parameters, and
+"""How the work is laid out over ranks (DESIGN.md §4): which users a rank owns (its
+``part.LocalPart``), the gradient all-reduce of replicated parameters, and
 partition-invariant random views. All of it reduces to the single-process case at P = 1.
 """
 
@@ -12,31 +12,12 @@ import numpy as np
 import torch
 
 from ..graph import BehaviorGraph, MultiBehaviorGraph, view_keep
-from ..partition import LocalPart, assign_edge_balanced, compute_assignment, load_partition
+from ..partition import assign_edge_balanced, compute_assignment
 from ..partition.core import EdgeList
 from .comm import Comm
+from .part import LocalPart, load_partition, local_part_from_dataset
 
 log = logging.getLogger(__name__)
-
-
-def local_part_from_dataset(ds, assign: np.ndarray, part: int) -> LocalPart:
-    """The ``LocalPart`` of ``part`` built in memory from a loaded dataset (no partition dir)."""
-    n_parts = int(assign.max()) + 1
-    users = np.flatnonzero(assign == part).astype(np.int64)
-    g2l = np.full(ds.n_users, -1, dtype=np.int64)
-    g2l[users] = np.arange(len(users))
-    graphs = []
-    for k in range(ds.n_behaviors):
-        u, i = ds.pairs(k)
-        full_udeg = np.bincount(u, minlength=ds.n_users).astype(np.float64)
-        ideg = np.bincount(i, minlength=ds.n_items).astype(np.float64)
-        m = assign[u] == part
-        graphs.append(BehaviorGraph.from_pairs(g2l[u[m]], i[m], len(users), ds.n_items,
-                                               user_deg=torch.from_numpy(full_udeg[users]),
-                                               item_deg=torch.from_numpy(ideg)))
-    return LocalPart(part=part, n_parts=n_parts, users=users, graph=MultiBehaviorGraph(list(ds.behaviors), graphs),
-                     global_to_local=g2l, n_users_global=ds.n_users, n_items=ds.n_items,
-                     behaviors=list(ds.behaviors))
 
 
 def shard_users(ds, comm: Comm, method: str = "edge-balanced", partition_dir: str = "", seed: int = 0) -> LocalPart:

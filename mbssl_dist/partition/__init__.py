@@ -1,11 +1,11 @@
 """Offline user partitioning (DESIGN.md §4): ``python -m mbssl_dist.partition`` and the
-per-rank loader ``load_partition``. See ``core`` for the methods and the directory format."""
+readers of its directory format. See ``core`` for the methods and the format; what a rank
+loads at run time (``LocalPart``, ``load_partition``) is ``parallel.part``."""
 
 from .core import (
     FORMAT_VERSION,
     METHODS,
     EdgeList,
-    LocalPart,
     PartitionError,
     assign_edge_balanced,
     assign_metis,
@@ -13,7 +13,6 @@ from .core import (
     format_balance,
     load_assignment,
     load_degrees,
-    load_partition,
     partition_dataset,
     partition_stats,
     read_manifest,
@@ -21,7 +20,7 @@ from .core import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "METHODS", "EdgeList", "LocalPart", "PartitionError", "assign_edge_balanced",
-    "assign_metis", "compute_assignment", "format_balance", "load_assignment", "load_degrees",
-    "load_partition", "partition_dataset", "partition_stats", "read_manifest", "write_partition",
+    "FORMAT_VERSION", "METHODS", "EdgeList", "PartitionError", "assign_edge_balanced", "assign_metis",
+    "compute_assignment", "format_balance", "load_assignment", "load_degrees", "partition_dataset",
+    "partition_stats", "read_manifest", "write_partition",
 ]

@@ -2,7 +2,8 @@
 
 Users are split into P parts; items are replicated on every rank. A part is a set of users
 plus all their training edges in all behaviors. Each rank loads only its part with
-``load_partition`` and normalizes with the GLOBAL degrees stored in the partition directory.
+``parallel.part.load_partition`` and normalizes with the GLOBAL degrees stored in the
+partition directory.
 
 Methods
 -------
@@ -52,7 +53,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
-import torch
 
 from ..data.dataset import PreparedDataset, load_prepared, read_columns
-from ..graph.multigraph import BehaviorGraph, MultiBehaviorGraph
+from ..graph.multigraph import MultiBehaviorGraph
 from ..utils.io import atomic_dir, atomic_write_json
 from ..utils.lpt import lpt_assign
 
@@ -445,77 +445,3 @@ def load_degrees(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     ud[beh[is_user], node[is_user]] = d["degree"][is_user]
     idg[beh[~is_user], node[~is_user]] = d["degree"][~is_user]
     return ud, idg
-
-
-@dataclass
-class LocalPart:
-    """What one rank holds: its users (global ids, sorted), their edges as a
-    ``MultiBehaviorGraph`` with LOCAL user rows 0..n_local-1, normalized with GLOBAL degrees."""
-
-    part: int
-    n_parts: int
-    users: np.ndarray  # int64 [n_local], sorted global user ids; local index = position
-    graph: MultiBehaviorGraph  # n_users = n_local, n_items = all items
-    global_to_local: np.ndarray  # int64 [n_users_global], -1 for users of other parts
-    n_users_global: int
-    n_items: int
-    behaviors: list[str]
-    manifest: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def n_local(self) -> int:
-        return len(self.users)
-
-    def to_local(self, global_users) -> np.ndarray:
-        """Local indices of global user ids; raises if any is not in this part."""
-        g = np.asarray(global_users, dtype=np.int64)
-        if g.size and (g.min() < 0 or g.max() >= self.n_users_global):
-            raise PartitionError(f"user id out of range [0, {self.n_users_global})")
-        loc = self.global_to_local[g]
-        if (loc < 0).any():
-            bad = int(g[loc < 0].flat[0])
-            raise PartitionError(f"user {bad} is not in part {self.part}")
-        return loc
-
-    def to_global(self, local_users) -> np.ndarray:
-        return self.users[np.asarray(local_users, dtype=np.int64)]
-
-
-def load_partition(path: str | os.PathLike, part: int, dataset_sha256: str | None = None) -> LocalPart:
-    """Load part ``part`` of a partition directory (see module doc).
-
-    ``dataset_sha256``, when given, must match the prepared dataset the partition was made from.
-    """
-    path = Path(path)
-    m = read_manifest(path)
-    P = int(m["parts"])
-    if not 0 <= part < P:
-        raise PartitionError(f"{path}: part {part} out of range [0, {P})")
-    if dataset_sha256 is not None and m["dataset"].get("content_sha256") != dataset_sha256:
-        raise PartitionError(f"{path}: made from dataset {m['dataset'].get('content_sha256')!r}, "
-                             f"not {dataset_sha256!r}; re-run the partitioner")
-    U, I, behaviors = int(m["n_users"]), int(m["n_items"]), list(m["behaviors"])
-    K = len(behaviors)
-    d = path / part_dir_name(part)
-    users = read_columns(d / "users.parquet", ["user"], PartitionError)["user"].astype(np.int64)
-    if len(users) != m["per_part"][part]["n_users"] or (len(users) > 1 and (np.diff(users) <= 0).any()):
-        raise PartitionError(f"{d}/users.parquet: inconsistent with the manifest or not sorted/unique")
-    e = read_columns(d / "edges.parquet", ["user", "item", "behavior"], PartitionError)
-    eu, ei, eb = (e["user"].astype(np.int64), e["item"].astype(np.int64), e["behavior"].astype(np.int64))
-    g2l = np.full(U, -1, dtype=np.int64)
-    g2l[users] = np.arange(len(users))
-    lu = g2l[eu]
-    if (lu < 0).any():
-        raise PartitionError(f"{d}/edges.parquet: edge of user {int(eu[lu < 0][0])} who is not in part {part}")
-    if len(ei) and (ei.min() < 0 or ei.max() >= I or eb.min() < 0 or eb.max() >= K):
-        raise PartitionError(f"{d}/edges.parquet: item or behavior id out of range")
-    user_deg, item_deg = load_degrees(path)
-    graphs = []
-    for k in range(K):
-        mk = eb == k
-        graphs.append(BehaviorGraph.from_pairs(
-            lu[mk], ei[mk], len(users), I,
-            user_deg=torch.from_numpy(user_deg[k, users].astype(np.float64)),
-            item_deg=torch.from_numpy(item_deg[k].astype(np.float64))))
-    return LocalPart(part=part, n_parts=P, users=users, graph=MultiBehaviorGraph(behaviors, graphs),
-                     global_to_local=g2l, n_users_global=U, n_items=I, behaviors=behaviors, manifest=m)
