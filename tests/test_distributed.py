@@ -5,6 +5,7 @@ neither hang nor change results. Ranks are real processes (torch.multiprocessing
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import traceback
@@ -252,6 +253,46 @@ def test_row_slices_cover_every_row_once():
             rows = [r for p in range(P) for r in range(sl.start(p), sl.stop(p))]
             assert rows == list(range(n)), (n, P)
             assert all(0 <= sl.count(p) <= sl.size for p in range(P)) and sl.size * P >= n
+
+
+def _broadcast_object_worker(rank: int, world: int, port: int, out_dir: str, shm: bool) -> None:
+    try:
+        import torch.distributed as dist
+
+        from mbssl_dist.parallel.dist import DistComm
+        from mbssl_dist.parallel.shm import ShmComm
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        comm = ShmComm() if shm else DistComm()
+        got = [comm.broadcast_object({"dir": f"/tmp/out-{rank}", "n": [rank]} if rank == 0 else None),
+               comm.broadcast_object(f"from rank {world - 1}" if rank == world - 1 else rank, src=world - 1)]
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(got))
+        comm.close()
+        dist.destroy_process_group()
+    except Exception:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.parametrize("shm", [False, True])
+def test_broadcast_object(tmp_path, shm):
+    """``Comm.broadcast_object``: every rank gets ``src``'s object (the swing CLI's output dir)."""
+    from mbssl_dist.parallel.comm import LocalComm
+    from mbssl_dist.parallel.shm import shm_supported
+
+    if shm and not shm_supported():
+        pytest.skip("shared-memory collectives need x86-64 Linux")
+    obj = {"dir": "/tmp/x", "n": [1]}
+    assert LocalComm().broadcast_object(obj) is obj
+    world = 3
+    mp.start_processes(_broadcast_object_worker, args=(world, free_port(), str(tmp_path), shm), nprocs=world,
+                       join=True, start_method="spawn")
+    errs = list(tmp_path.glob("*.err"))
+    assert not errs, errs[0].read_text()
+    for r in range(world):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == [{"dir": "/tmp/out-0", "n": [0]},
+                                                                       f"from rank {world - 1}"]
 
 
 def test_range_parts_with_many_mask_blocks(tiny_data, tmp_path):

@@ -13,6 +13,7 @@ e.g. scaled by ``1 / world_size``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,6 +59,10 @@ class Comm:
         raise NotImplementedError
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``src``'s picklable ``obj`` on every rank (the others pass anything, e.g. None)."""
         raise NotImplementedError
 
     def reduce_scatter_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -129,6 +134,9 @@ class LocalComm(Comm):
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         return t
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
 
     def reduce_scatter_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t[0]

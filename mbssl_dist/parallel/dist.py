@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,8 @@ import torch.distributed as dist
 from .comm import Comm
 
 log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 # torch >= 2.10 renamed these (the old names warn); torch 2.2 only has the old ones
@@ -145,6 +148,11 @@ class DistComm(Comm):
         dist.broadcast(t, src=src)
         return t
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     def barrier(self) -> None:
         dist.barrier()
 
@@ -167,10 +175,12 @@ def elastic_attempt_store(timeout: datetime.timedelta):
     return dist.PrefixStore(f"mbssl/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt_{attempt}/", client)
 
 
-def init_distributed(device_pref: str = "auto", collectives: str = "auto") -> tuple[Comm, torch.device]:
+def init_distributed(device_pref: str = "auto", collectives: str = "auto",
+                     timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> tuple[Comm, torch.device]:
     """Initialise the process group when launched by torchrun (WORLD_SIZE set), choosing
     nccl for GPUs and gloo on CPU; otherwise return a ``LocalComm``. ``collectives`` (CPU
-    only): ``shm``, ``gloo`` or ``auto`` (see ``DistConfig.collectives``)."""
+    only): ``shm``, ``gloo`` or ``auto`` (see ``DistConfig.collectives``). ``timeout``: how
+    long a collective waits for the slowest rank."""
     from .comm import LocalComm
 
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
@@ -185,7 +195,6 @@ def init_distributed(device_pref: str = "auto", collectives: str = "auto") -> tu
         return LocalComm(), device
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        timeout = datetime.timedelta(minutes=30)
         store = elastic_attempt_store(timeout)
         if store is None:
             dist.init_process_group(backend=backend, timeout=timeout)

@@ -193,25 +193,24 @@ def run_local(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_torchrun(args: argparse.Namespace, rank: int, world: int) -> int:
-    """One rank of ``torchrun --nproc_per_node W -m mbssl_dist.swing ...``."""
-    import torch.distributed as dist
+def run_torchrun(args: argparse.Namespace) -> int:
+    """One rank of ``torchrun --nproc_per_node W -m mbssl_dist.swing ...`` (gloo, through
+    ``parallel``: its ``Comm`` barriers and broadcasts the output directory)."""
+    from ..parallel.dist import init_distributed, shutdown
     from ..utils.io import atomic_dir, atomic_write_json
     from .parallel import run_side_rank
 
     t0 = time.perf_counter()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
-    barrier = dist.barrier
+    comm, _ = init_distributed("cpu", "gloo", timeout=datetime.timedelta(hours=2))
+    rank, world, barrier = comm.rank, comm.world_size, comm.barrier
     try:
         ds, weights = _load(args)  # every rank validates identically, so all fail together
         sides = parse_sides(args.side)
         t_load = time.perf_counter() - t0
         results: dict[str, Any] = {}
-        if rank == 0:
+        if comm.is_main:
             with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-                obj = [str(tmp)]
-                dist.broadcast_object_list(obj, src=0)
+                comm.broadcast_object(str(tmp))
                 for job in _jobs(args, ds, weights, sides):
                     ts = time.perf_counter()
                     results[job.side] = run_side_rank(job, tmp / job.side, tmp / f"_scratch-{job.side}",
@@ -222,14 +221,12 @@ def run_torchrun(args: argparse.Namespace, rank: int, world: int) -> int:
                                                  time.perf_counter() - t0, t_load))
             log.info("swing: wrote %s in %.1fs (%d ranks)", args.out, time.perf_counter() - t0, world)
         else:
-            obj = [None]
-            dist.broadcast_object_list(obj, src=0)
-            tmp = Path(obj[0])
+            tmp = Path(comm.broadcast_object(None))
             for job in _jobs(args, ds, weights, sides):
                 run_side_rank(job, tmp / job.side, tmp / f"_scratch-{job.side}", rank, world, barrier)
         barrier()
     finally:
-        dist.destroy_process_group()
+        shutdown(comm)
     return 0
 
 
@@ -259,12 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = int(os.environ.get("RANK", "0") or 0)
     try:
         validate(args)
         tune_malloc()
         if world > 1:
-            return run_torchrun(args, rank, world)
+            return run_torchrun(args)
         return run_local(args)
     except (UsageError, FileExistsError) as e:
         log.error("%s", e)
