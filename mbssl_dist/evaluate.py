@@ -398,7 +398,6 @@ def main(argv=None) -> int:
     """
     import argparse
     import json
-    import sys
     from pathlib import Path
 
     p = argparse.ArgumentParser(prog="python -m mbssl_dist.evaluate", description=main.__doc__,
@@ -415,20 +414,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from .export import ModelError, Scoring, open_dataset, read_model_dir, run_model_dir
-    from .parallel.dist import init_distributed, shutdown
+    from .parallel.dist import OpenComm, run_ranked
     from .train import Evaluator
 
-    comm = None
-    try:
+    def run(open_comm: OpenComm) -> int:
         art = read_model_dir(run_model_dir(args.run))
         cfg = art.cfg
         threads = args.threads if args.threads is not None else cfg.train.threads
         if threads:
             torch.set_num_threads(threads)
         ds = open_dataset(art, args.data)
-        comm, device = init_distributed("cpu", cfg.dist.collectives)
-        logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING,
-                            format=f"%(asctime)s [rank {comm.rank}] %(levelname)s %(name)s: %(message)s", force=True)
+        comm, device = open_comm(cfg.dist.collectives)
         other_world = comm.world_size != art.meta.get("trained_world_size", comm.world_size)
         rtol = args.rtol if args.rtol is not None else (1e-4 if other_world else 0.0)
         if other_world:
@@ -465,12 +461,8 @@ def main(argv=None) -> int:
             same = False
         print(json.dumps(out, indent=2))
         return 1 if (args.check and not same) else 0
-    except ModelError as e:
-        print(f"evaluate: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if comm is not None:
-            shutdown(comm)
+
+    return run_ranked("evaluate", (ModelError,), run)
 
 
 if __name__ == "__main__":

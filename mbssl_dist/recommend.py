@@ -370,10 +370,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .parallel.dist import init_distributed, shutdown
+    from .parallel.dist import OpenComm, run_ranked
 
-    comm = None
-    try:
+    def run(open_comm: OpenComm) -> int:
         if args.k < 1:
             raise UsageError(f"--k {args.k}: must be >= 1")
         if args.batch_size < 1:
@@ -385,10 +384,7 @@ def main(argv=None) -> int:
         if args.users:
             inputs.append(Path(args.users))
         out = check_out(Path(args.out), inputs, args.overwrite)
-        comm, device = init_distributed("cpu", art.cfg.dist.collectives)
-        logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING,
-                            format=f"%(asctime)s [rank {comm.rank}] %(levelname)s %(name)s: %(message)s",
-                            force=True)
+        comm, device = open_comm(art.cfg.dist.collectives)
         t0 = time.perf_counter()
         rec = Recommender(art, comm, device, data=args.data, threads=args.threads)
         users = (read_users_file(Path(args.users), rec.users_map) if args.users
@@ -401,12 +397,8 @@ def main(argv=None) -> int:
                      "writing %.2f s = %.0f users/s)", n, len(users), out, t1 - t0, t2 - t1,
                      len(users) / max(t2 - t1, 1e-9))
         return 0
-    except (UsageError, ModelError) as e:
-        print(f"recommend: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if comm is not None:
-            shutdown(comm)
+
+    return run_ranked("recommend", (UsageError, ModelError), run)
 
 
 if __name__ == "__main__":

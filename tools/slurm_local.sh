@@ -228,21 +228,18 @@ sys.exit(0 if ok else 1)
 EOF
 }
 
-t0=$SECONDS
-JA=$(submit slurm_1x2 false --nodes 1 --cpus-per-task 2)
-say "(a) job $JA: sbatch --nodes 1 --cpus-per-task 2"
-wait_job "$JA"
-grep -q "1 node(s) x 2 process(es)" "$TMP/out/slurm-$JA.out" || die "(a) did not start 1 node x 2 processes"
-same_final slurm_1x2 || die "(a) final metrics differ from the plain run"
-say "(a) done in $((SECONDS - t0)) s"
-
-t0=$SECONDS
-JB=$(submit slurm_2x1 false --nodes 2 --cpus-per-task 1)
-say "(b) job $JB: sbatch --nodes 2 --cpus-per-task 1"
-wait_job "$JB"
-grep -q "2 node(s) x 1 process(es)" "$TMP/out/slurm-$JB.out" || die "(b) did not start 2 nodes x 1 process"
-same_final slurm_2x1 || die "(b) final metrics differ from the plain run"
-say "(b) done in $((SECONDS - t0)) s"
+same_job() {  # label, run name, nodes, cpus per task, processes per node: one job, checked
+  local label=$1 name=$2 nodes=$3 cpus=$4 procs=$5 t0=$SECONDS id
+  id=$(submit "$name" false --nodes "$nodes" --cpus-per-task "$cpus")
+  say "$label job $id: sbatch --nodes $nodes --cpus-per-task $cpus"
+  wait_job "$id"
+  grep -q "$nodes node(s) x $procs process(es)" "$TMP/out/slurm-$id.out" \
+    || die "$label did not start $nodes node(s) x $procs process(es)"
+  same_final "$name" || die "$label final metrics differ from the plain run"
+  say "$label done in $((SECONDS - t0)) s"
+}
+same_job "(a)" slurm_1x2 1 2 2
+same_job "(b)" slurm_2x1 2 1 1
 
 if [ "$REQUEUE" = "1" ] || [ "$REQUEUE" = "signal" ]; then
   t0=$SECONDS

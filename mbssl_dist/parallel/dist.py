@@ -1,6 +1,8 @@
-"""``torch.distributed`` backed ``Comm`` with autograd-aware collectives, and process-group
-setup. This module and ``parallel/__init__`` are the only places that touch
-``torch.distributed`` in the training path.
+"""``torch.distributed`` backed ``Comm`` with autograd-aware collectives, process-group
+setup and teardown, and the frame of the commands that run on every rank (``run_ranked``).
+Training, evaluation, recommendation and the swing CLI reach ``torch.distributed``'s
+process groups and collectives only through this module (checkpoints use DCP, in
+``training/checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -8,7 +10,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -218,3 +221,35 @@ def shutdown(comm: Comm | None = None) -> None:
         comm.close()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+OpenComm = Callable[[str], tuple[Comm, torch.device]]
+"""``open_comm(collectives) -> (comm, device)``, handed to the body of :func:`run_ranked`."""
+
+
+def run_ranked(prog: str, errors: tuple[type[BaseException], ...], body: Callable[[OpenComm], int]) -> int:
+    """The frame of a command that runs on every rank on CPU (evaluate, recommend).
+
+    ``body(open_comm)`` checks its inputs, then calls ``open_comm(collectives)`` for the
+    ``(comm, device)`` of ``init_distributed("cpu", collectives)`` with per-rank logging (rank
+    0 INFO, the others WARNING); it returns the exit code. An error of ``errors`` prints one
+    line ``PROG: error`` on stderr and returns 2 (no traceback); an opened comm is always
+    shut down."""
+    opened: list[Comm] = []
+
+    def open_comm(collectives: str) -> tuple[Comm, torch.device]:
+        comm, device = init_distributed("cpu", collectives)
+        opened.append(comm)
+        logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING,
+                            format=f"%(asctime)s [rank {comm.rank}] %(levelname)s %(name)s: %(message)s",
+                            force=True)
+        return comm, device
+
+    try:
+        return body(open_comm)
+    except errors as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for comm in opened:
+            shutdown(comm)
