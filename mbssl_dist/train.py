@@ -37,8 +37,8 @@ from .graph.sparse import csr_rows_table, set_sparse_backend
 from .model import MBSSL
 from .parallel.comm import Comm
 from .parallel.dist import init_distributed, shutdown
-from .partition import LocalPart
 from .parallel.layout import GradReducer, shard_users, target_views
+from .parallel.part import LocalPart
 from .swing.cache import ensure_swing, load_topn_csr
 from .tracking import RunLogger, git_commit
 from .training import CheckpointError, CheckpointManager, EvalHistory, NonFiniteLossError, TrainStep, build_batch

@@ -24,14 +24,3 @@ __all__ = [
     "compute_assignment", "format_balance", "load_assignment", "load_degrees", "partition_dataset",
     "partition_stats", "read_manifest", "write_partition",
 ]
-
-
-def __getattr__(name: str):
-    """``LocalPart`` and ``load_partition`` moved to ``parallel.part`` (run-time data beside
-    ``parallel``); the old names resolve there, lazily (``parallel.part`` imports this
-    package), until train.py imports them from ``parallel.part``."""
-    if name in ("LocalPart", "load_partition"):
-        from ..parallel import part
-
-        return getattr(part, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
