@@ -433,7 +433,10 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
     Horvitz–Thompson estimate of the exact one). False negatives are removed from each
     anchor's row (the positive itself is kept), as in the exact loss. Cost O(A·(S + A)·d),
     independent of the number of candidates. Sharded candidates: each rank sums the columns it
-    holds and the partial denominators are all-reduced, as in :func:`info_nce`."""
+    holds and the partial denominators are all-reduced, as in :func:`info_nce`. With
+    ``fn_mode = "remove"`` it runs the exact loss's chunked kernels (:class:`_LogDenSum`,
+    :class:`_ExpSum`) with −log π as one more embedding coordinate; ``reference`` uses plain
+    autograd over the [A, S + A] logits."""
     comm = comm or LocalComm()
     if fn_mode not in FN_MODES:
         raise ValueError(f"fn_mode must be one of {FN_MODES}, got {fn_mode!r}")
@@ -466,7 +469,7 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
     cols, ok = _lookup(candidate_ids, candidates.shape[0], ids)
     ids, cols, logw = ids[ok], cols[ok], logw[ok]
     zc = F.normalize(candidates[cols], dim=1)
-    logits = torch.addmm(za.new_full((), -inv_t), ZA * inv_t, zc.T)  # (cos − 1)/τ: no overflow
+    r = c = None
     if fn is not None and fn[0].numel() > 0 and ids.numel() > 0:
         rows, fid = fn
         srt, order = torch.sort(ids)
@@ -475,9 +478,25 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
         if fn_mode == "remove":
             hit &= fid != a_ids[rows]
         r, c = rows[hit], order[at[hit]]
-        if r.numel() > 0:
-            val = -math.inf if fn_mode == "remove" else -inv_t  # reference: cosine logit set to 0
-            logits = logits.index_put((r, c), logits.new_full((), val))
+        if r.numel() == 0:
+            r = c = None
+    w = meta.weight.to(za.dtype) if meta is not None and meta.weight is not None else za.new_ones(n_loc)
+    pos = (za * zp).sum(1) * inv_t
+    if fn_mode == "remove":
+        # the logQ term as one more coordinate: [za, 1]·[zc, τ·logw] / τ = cos/τ + logw, so the
+        # chunked kernels of the exact loss apply unchanged (FN entries filled with 0)
+        za1 = torch.cat([ZA, ZA.new_ones(ZA.shape[0], 1)], 1)
+        zc1 = torch.cat([zc, (tau * logw).unsqueeze(1)], 1)
+        extra = extra_zero_logits * math.exp(-inv_t) if extra_zero_logits else 0.0
+        if not dist:
+            return _LogDenSum.apply(za1, zc1, r, c, 0.0, inv_t, w.detach(), extra) + (w * (inv_t - pos)).sum()
+        den = comm.all_reduce_sum(_ExpSum.apply(za1, zc1, r, c, 0.0, inv_t))
+        if extra:
+            den = den + extra
+        return (w * (torch.log(den[offset: offset + n_loc]) + inv_t - pos)).sum()
+    logits = torch.addmm(za.new_full((), -inv_t), ZA * inv_t, zc.T)  # (cos − 1)/τ: no overflow
+    if r is not None:
+        logits = logits.index_put((r, c), logits.new_full((), -inv_t))  # reference: cosine logit set to 0
     den = torch.exp(logits + logw).sum(1)
     if dist:
         den = comm.all_reduce_sum(den)
@@ -485,10 +504,7 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
         den = den + extra_zero_logits * math.exp(-inv_t)
     if dist:
         den = den[offset: offset + n_loc]
-    per = torch.log(den) + inv_t - (za * zp).sum(1) * inv_t
-    if meta is not None and meta.weight is not None:
-        per = per * meta.weight.to(za.dtype)
-    return per.sum()
+    return (w * (torch.log(den) + inv_t - pos)).sum()
 
 
 class InterBehaviorInfoNCE(nn.Module):
