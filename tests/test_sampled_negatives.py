@@ -54,6 +54,51 @@ def _brute(anchor, cand, meta, sample: SampledCandidates, tau, fn_mode="remove")
     return total
 
 
+def _brute_cv(anchor, cand, meta, sample: SampledCandidates, tau):
+    """Loop form of the control-variate estimator: |C|·e^μ + Σ_set (e^s − h)/π over non-FN,
+    − Σ_set h/π over FN (the positive kept), h = e^μ(1 + s − μ), μ = mean_v s_av."""
+    ids = [int(i) for i in meta.global_ids()]
+    w_of = {int(i): 1.0 / math.exp(float(lp)) for i, lp in zip(sample.ids, sample.log_pi)}
+    for i in ids:
+        w_of[i] = 1.0
+    zn = cand / cand.norm(dim=1, keepdim=True)
+    total = 0.0
+    for a in range(len(ids)):
+        za = anchor[a] / anchor[a].norm()
+        s = [float(za @ zn[v]) / tau for v in range(cand.shape[0])]
+        mu = sum(s) / len(s)
+        fn = {int(v) for v in meta.fn_indices[meta.fn_indptr[a]:meta.fn_indptr[a + 1]]} - {ids[a]}
+        den = len(s) * math.exp(mu)
+        for v, wv in w_of.items():
+            h = math.exp(mu) * (1 + s[v] - mu)
+            den += wv * (-h if v in fn else math.exp(s[v]) - h)
+        total += float(meta.weight[a]) * (math.log(den) - s[ids[a]])
+    return total
+
+
+@pytest.mark.parametrize("kind", ["uniform", "popularity"])
+def test_control_variate_equals_brute_force(kind):
+    anchor, cand, meta = _case(seed=4)
+    sample = NegativeSampler(cand.shape[0], 12, kind, torch.arange(cand.shape[0]) % 5).draw(
+        make_generator(2, 0, 1, "negatives"))
+    got = sampled_info_nce(anchor, cand[meta.rows], cand, 0.5, sample, meta, estimator="control_variate")
+    want = _brute_cv(anchor, cand, meta, sample, 0.5)
+    assert abs(float(got) - want) <= 1e-9 * max(1.0, abs(want))
+    full = NegativeSampler(cand.shape[0], cand.shape[0]).draw(make_generator(0, 0, 0, "negatives"))
+    exact = info_nce(anchor, cand[meta.rows], cand, 0.5, meta)
+    got = sampled_info_nce(anchor, cand[meta.rows], cand, 0.5, full, meta, estimator="control_variate")
+    assert abs(float(got) - float(exact)) <= 1e-9 * abs(float(exact))
+
+
+def test_control_variate_gradcheck():
+    anchor, cand, meta = _case(seed=5, n_cand=15, n_anchor=5, d=4)
+    sample = NegativeSampler(15, 6, "uniform").draw(make_generator(0, 1, 2, "negatives"))
+    positive = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    inputs = (anchor.requires_grad_(), positive.requires_grad_(), cand.requires_grad_())
+    assert torch.autograd.gradcheck(
+        lambda a, p, c: sampled_info_nce(a, p, c, 0.5, sample, meta, estimator="control_variate"), inputs)
+
+
 @pytest.mark.parametrize("kind", ["uniform", "popularity"])
 @pytest.mark.parametrize("fn_mode", ["remove", "reference"])
 def test_equals_brute_force_on_same_candidates(kind, fn_mode):
@@ -109,6 +154,7 @@ def test_same_draws_for_same_key():
 @pytest.mark.parametrize("overrides", [
     ["loss.negatives=\"sampled\"", "loss.n_negatives=30"],
     ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.negative_sampler=\"popularity\""],
+    ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.negative_estimator=\"control_variate\""],
 ])
 def test_two_ranks_equal_one(tiny_data, tmp_path, overrides):
     """Same seed: both gloo ranks draw the same candidates, so 2 ranks reproduce 1 rank's losses,
@@ -142,6 +188,7 @@ def test_default_is_exact():
     ("loss.negatives=\"some\"", "loss.negatives"),
     ("loss.negative_sampler=\"zipf\"", "loss.negative_sampler"),
     ("loss.n_negatives=1.5", "loss.n_negatives"),
+    ("loss.negative_estimator=\"exact\"", "loss.negative_estimator"),
 ])
 def test_config_errors(override, field):
     with pytest.raises(ConfigError) as e:
@@ -153,3 +200,6 @@ def test_n_negatives_must_be_positive():
     load_config(None, ["loss.n_negatives=0"])  # unused in exact mode
     with pytest.raises(ConfigError, match="loss.n_negatives"):
         load_config(None, ["loss.negatives=\"sampled\"", "loss.n_negatives=0"])
+    with pytest.raises(ConfigError, match="loss.negative_estimator"):
+        load_config(None, ["loss.negatives=\"sampled\"", "loss.negative_estimator=\"control_variate\"",
+                           "loss.fn_mode=\"reference\""])

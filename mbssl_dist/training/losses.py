@@ -426,7 +426,8 @@ class NegativeSampler:
 def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: torch.Tensor, tau: float,
                      sample: SampledCandidates, anchors_meta: Anchors | None = None, comm: Comm | None = None,
                      candidates_sharded: bool = False, candidate_ids: torch.Tensor | None = None,
-                     fn_mode: str = "remove", extra_zero_logits: int = 0) -> torch.Tensor:
+                     fn_mode: str = "remove", extra_zero_logits: int = 0,
+                     estimator: str = "logq") -> torch.Tensor:
     """:func:`info_nce` with the denominator over a candidate subset: the in-batch candidates
     (every rank's anchors' own ids, i.e. the batch's positives; inclusion probability 1) plus
     the sampled ids not among them, each logit corrected by −log π (so the denominator is the
@@ -436,7 +437,15 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
     holds and the partial denominators are all-reduced, as in :func:`info_nce`. With
     ``fn_mode = "remove"`` it runs the exact loss's chunked kernels (:class:`_LogDenSum`,
     :class:`_ExpSum`) with −log π as one more embedding coordinate; ``reference`` uses plain
-    autograd over the [A, S + A] logits."""
+    autograd over the [A, S + A] logits.
+
+    ``estimator = "control_variate"``: the same sampled set, with the linear part of each term
+    taken exactly. With μ_a = mean over all candidates of s_av = cos(a, v)/τ (one pass over the
+    candidates: za·Σ_v zv, O(|C|·d), the sum all-reduced when sharded) and the tangent
+    h_a(s) = e^{μ_a}(1 + s − μ_a), Σ_{v∈C} h_a(s_av) = |C|·e^{μ_a} exactly, so
+    den_a = |C|·e^{μ_a} + Σ_{v∈set, v∉FN(a)} (e^{s_av} − h_a(s_av))/π_v − Σ_{v∈set∩FN(a)} h_a(s_av)/π_v
+    (unbiased for the exact FN-removed denominator; every candidate gets the mean-field part
+    of its gradient, the sampled part only carries the small convex remainder)."""
     comm = comm or LocalComm()
     if fn_mode not in FN_MODES:
         raise ValueError(f"fn_mode must be one of {FN_MODES}, got {fn_mode!r}")
@@ -482,6 +491,32 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
             r = c = None
     w = meta.weight.to(za.dtype) if meta is not None and meta.weight is not None else za.new_ones(n_loc)
     pos = (za * zp).sum(1) * inv_t
+    if estimator == "control_variate":
+        if fn_mode != "remove":
+            raise ValueError("the control_variate estimator needs fn_mode = 'remove'")
+        zall = F.normalize(candidates, dim=1).sum(0)
+        n_all = float(candidates.shape[0])
+        if dist:
+            zall = comm.all_reduce_sum(zall)
+            n_all = float(comm.all_reduce_sum_(torch.tensor([n_all], dtype=torch.float64)))
+        mu = (ZA @ zall) * (inv_t / n_all) - inv_t  # mean shifted logit (cos − 1)/τ per anchor
+        sl = torch.addmm(za.new_full((), -inv_t), ZA * inv_t, zc.T)  # shifted logits
+        em = mu.exp().unsqueeze(1)
+        h = em * (1.0 + sl - mu.unsqueeze(1))
+        val = sl.exp() - h
+        if r is not None:
+            val = val.index_put((r, c), -h[r, c])
+        den = (val * logw.exp()).sum(1)
+        if dist:
+            den = comm.all_reduce_sum(den)  # partial sums over each rank's columns; μ is the same everywhere
+        den = den + n_all * em.squeeze(1)
+        if extra_zero_logits:
+            den = den + extra_zero_logits * math.exp(-inv_t)
+        if dist:
+            den = den[offset: offset + n_loc]
+        return (w * (torch.log(den) + inv_t - pos)).sum()
+    if estimator != "logq":
+        raise ValueError(f"estimator must be logq or control_variate, got {estimator!r}")
     if fn_mode == "remove":
         # the logQ term as one more coordinate: [za, 1]·[zc, τ·logw] / τ = cos/τ + logw, so the
         # chunked kernels of the exact loss apply unchanged (FN entries filled with 0)
@@ -516,6 +551,7 @@ class InterBehaviorInfoNCE(nn.Module):
     """
 
     uses_false_negatives = True
+    negative_estimator = "logq"  # sampled mode: "logq" or "control_variate" (see sampled_info_nce)
 
     def __init__(self, tau: float = 0.5, fn_mode: str = "remove", user_side: bool = True, item_side: bool = True,
                  item_extra_zero_logits: int = 0) -> None:
@@ -550,7 +586,8 @@ class InterBehaviorInfoNCE(nn.Module):
             if sample is None:
                 total = total + info_nce(a[r], b[r], b, self.tau, anchors, comm, **kw)
             else:
-                total = total + sampled_info_nce(a[r], b[r], b, self.tau, sample, anchors, comm, **kw)
+                total = total + sampled_info_nce(a[r], b[r], b, self.tau, sample, anchors, comm, **kw,
+                                                 estimator=self.negative_estimator)
         return weight * total
 
 
