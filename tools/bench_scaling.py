@@ -102,18 +102,20 @@ def child(args) -> None:
                              cfg.model.norm, torch.float32, "cpu")
     t_views = time.perf_counter() - t0
     step(batch(0), adjs, views)
-    times, ssl = [], []
+    times, ssl, phases = [], [], {}
     for s in range(args.steps):
         step.timings = {}
         t0 = time.perf_counter()
         step(batch(1 + s), adjs, views)
         times.append(time.perf_counter() - t0)
         ssl.append(sum(v for k, v in step.timings.items() if k in SSL_PHASES))
+        for k, v in step.timings.items():
+            phases[k] = phases.get(k, 0.0) + v / args.steps
     n_batches = math.ceil(ds.n_users / args.batch_size)
     mean = sum(times) / len(times)
     print(json.dumps({"users": ds.n_users, "items": ds.n_items, "edges": int(len(ds.train_user)),
                       "steps_per_epoch": n_batches, "step_s": mean, "ssl_s": sum(ssl) / len(ssl),
-                      "epoch_s": t_views + n_batches * mean,
+                      "epoch_s": t_views + n_batches * mean, "phases": {k: round(v, 3) for k, v in phases.items()},
                       "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -132,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", nargs="+", default=["all", "sampled"], choices=["all", "sampled"])
     ap.add_argument("--cache", default="/tmp/mbssl_scaling")
+    ap.add_argument("--exact-max-users", type=int, default=0,
+                    help="skip the exact mode above this many users (its step grows with |U|); 0 = never")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -152,6 +156,9 @@ def main(argv=None) -> int:
           f"{'s/epoch':>9s} {'peak RSS':>9s} load", flush=True)
     for u in args.users:
         for mode in args.modes:  # interleaved per size
+            if mode == "all" and args.exact_max_users and u > args.exact_max_users:
+                print(f"{u:>8d} {'':>8s} {'':>9s} {mode:>8s} skipped (--exact-max-users {args.exact_max_users})")
+                continue
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--data", str(data[u]), "--mode", mode,
                    "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads)]
             for s in args.set:
@@ -163,8 +170,8 @@ def main(argv=None) -> int:
             x = json.loads(r.stdout.strip().splitlines()[-1])
             res[mode].append(x)
             print(f"{x['users']:>8d} {x['items']:>8d} {x['edges']:>9d} {mode:>8s} {x['step_s']:>8.2f} "
-                  f"{x['ssl_s']:>10.2f} {x['epoch_s']:>9.1f} {x['maxrss_mib']:>7.0f}MB {os.getloadavg()[0]:.2f}",
-                  flush=True)
+                  f"{x['ssl_s']:>10.2f} {x['epoch_s']:>9.1f} {x['maxrss_mib']:>7.0f}MB {os.getloadavg()[0]:.2f}  "
+                  f"phases/step {x['phases']}", flush=True)
     for mode, rows in res.items():
         if len(rows) >= 2:
             us = [x["users"] for x in rows]
@@ -173,8 +180,8 @@ def main(argv=None) -> int:
                   f"SSL per step ~ |U|^{slope(us, [x['ssl_s'] for x in rows]):.2f}, "
                   f"SSL per epoch ~ |U|^{slope(us, [x['ssl_s'] * x['steps_per_epoch'] for x in rows]):.2f}, "
                   f"peak RSS ~ |U|^{slope(us, [x['maxrss_mib'] for x in rows]):.2f}")
-    if all(len(res[m]) for m in ("all", "sampled") if m in res) and len(res) == 2:
-        for a, b in zip(res["all"], res["sampled"]):
+    if len(res) == 2:
+        for a, b in zip(res["all"], res["sampled"]):  # the sizes both modes ran
             print(f"|U| = {a['users']}: exact / sampled epoch time {a['epoch_s'] / b['epoch_s']:.2f}x, "
                   f"SSL per step {a['ssl_s'] / b['ssl_s']:.2f}x")
     print(f"load average {os.getloadavg()}")
