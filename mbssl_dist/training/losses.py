@@ -500,16 +500,18 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
             zall = comm.all_reduce_sum(zall)
             n_all = float(comm.all_reduce_sum_(torch.tensor([n_all], dtype=torch.float64)))
         mu = (ZA @ zall) * (inv_t / n_all) - inv_t  # mean shifted logit (cos − 1)/τ per anchor
-        sl = torch.addmm(za.new_full((), -inv_t), ZA * inv_t, zc.T)  # shifted logits
-        em = mu.exp().unsqueeze(1)
-        h = em * (1.0 + sl - mu.unsqueeze(1))
-        val = sl.exp() - h
-        if r is not None:
-            val = val.index_put((r, c), -h[r, c])
-        den = (val * logw.exp()).sum(1)
+        em = mu.exp()
+        # Σ_{set∖FN} e^{s}/π (the chunked kernel, logQ as one more coordinate) minus the tangent
+        # summed over the whole set, Σ_set h/π = e^μ (W (1 − μ) + Σ_v s_av/π_v), which is linear in
+        # the candidates: W = Σ 1/π, Σ_v s_av/π_v = (za·Σ_v zv/π_v − W)/τ; no [A, S] matrix kept
+        cw = logw.exp()
+        W = cw.sum()
+        za1 = torch.cat([ZA, ZA.new_ones(ZA.shape[0], 1)], 1)
+        zc1 = torch.cat([zc, (tau * logw).unsqueeze(1)], 1)
+        den = _ExpSum.apply(za1, zc1, r, c, 0.0, inv_t) - em * (W * (1.0 - mu) + inv_t * (ZA @ (cw @ zc) - W))
         if dist:
             den = comm.all_reduce_sum(den)  # partial sums over each rank's columns; μ is the same everywhere
-        den = den + n_all * em.squeeze(1)
+        den = den + n_all * em
         if extra_zero_logits:
             den = den + extra_zero_logits * math.exp(-inv_t)
         if dist:
