@@ -140,7 +140,11 @@ def main(argv=None) -> int:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--from-log", help="only print the summary of the table rows of a previous run's output")
     args = ap.parse_args(argv)
+    if args.from_log:
+        summarize(from_log(args.from_log))
+        return 0
     if args.child:
         child(args)
         return 0
@@ -172,6 +176,34 @@ def main(argv=None) -> int:
             print(f"{x['users']:>8d} {x['items']:>8d} {x['edges']:>9d} {mode:>8s} {x['step_s']:>8.2f} "
                   f"{x['ssl_s']:>10.2f} {x['epoch_s']:>9.1f} {x['maxrss_mib']:>7.0f}MB {os.getloadavg()[0]:.2f}  "
                   f"phases/step {x['phases']}", flush=True)
+    summarize(res)
+    print(f"load average {os.getloadavg()}")
+    return 0
+
+
+def from_log(path: str) -> dict[str, list[dict]]:
+    """The rows a previous run printed (its table lines), for --from-log."""
+    import ast
+
+    res: dict[str, list[dict]] = {}
+    for line in Path(path).read_text().splitlines():
+        f = line.split()
+        if len(f) > 9 and f[3] in ("all", "sampled") and "phases/step" in line:
+            ph = ast.literal_eval(line.split("phases/step ", 1)[1])
+            u = int(f[0])
+            res.setdefault(f[3], []).append({"users": u, "step_s": float(f[4]), "ssl_s": float(f[5]),
+                                             "epoch_s": float(f[6]), "maxrss_mib": float(f[7][:-2]), "phases": ph,
+                                             "steps_per_epoch": math.ceil(u / 1024)})
+    return res
+
+
+def summarize(res: dict[str, list[dict]]) -> None:
+    for mode, rows in res.items():
+        if len(rows) >= 2:
+            us = [x["users"] for x in rows]
+            fwd = [sum(v for k, v in x["phases"].items() if k.startswith("loss/") and k != "loss/rec") for x in rows]
+            print(f"growth exponent ({mode}): InfoNCE forward per step ~ |U|^{slope(us, fwd):.2f} "
+                  f"({' '.join(f'{v:.3f}s' for v in fwd)})")
     for mode, rows in res.items():
         if len(rows) >= 2:
             us = [x["users"] for x in rows]
@@ -184,8 +216,6 @@ def main(argv=None) -> int:
         for a, b in zip(res["all"], res["sampled"]):  # the sizes both modes ran
             print(f"|U| = {a['users']}: exact / sampled epoch time {a['epoch_s'] / b['epoch_s']:.2f}x, "
                   f"SSL per step {a['ssl_s'] / b['ssl_s']:.2f}x")
-    print(f"load average {os.getloadavg()}")
-    return 0
 
 
 if __name__ == "__main__":
