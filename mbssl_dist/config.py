@@ -130,7 +130,7 @@ class LossConfig:
     with at most this many candidates stays exact."""
     negative_sampler: Literal["uniform", "popularity"] = "uniform"
     """With negatives = "sampled": draw uniformly or in proportion to training interactions + 1."""
-    negative_estimator: Literal["logq", "control_variate"] = "logq"
+    negative_estimator: Literal["logq", "control_variate"] = "control_variate"
     """With negatives = "sampled": ``logq`` = each sampled logit minus log of its inclusion
     probability; ``control_variate`` = the same plus the linear part of every term taken
     exactly over all candidates (one O(|C|·d) pass per step; lower variance; needs
@@ -393,7 +393,8 @@ def validate(cfg: Config) -> None:
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas = {t.adam_betas}: need two numbers in [0, 1), e.g. [0.9, 0.999]")
     if lo.negatives == "sampled" and lo.negative_estimator == "control_variate" and lo.fn_mode != "remove":
-        raise ConfigError("loss.negative_estimator = 'control_variate' needs loss.fn_mode = 'remove'")
+        raise ConfigError("loss.negative_estimator = 'control_variate' (the default) needs loss.fn_mode = 'remove'; "
+                          "set loss.negative_estimator = 'logq' for the reference false-negative mode")
     if lo.negatives == "sampled" and lo.n_negatives < 1:
         raise ConfigError(f"loss.n_negatives = {lo.n_negatives}: must be >= 1 with loss.negatives = 'sampled'")
     if not 0 <= m.dropout < 1:

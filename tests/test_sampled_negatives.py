@@ -152,7 +152,7 @@ def test_same_draws_for_same_key():
 
 
 @pytest.mark.parametrize("overrides", [
-    ["loss.negatives=\"sampled\"", "loss.n_negatives=30"],
+    ["loss.negatives=\"sampled\"", "loss.n_negatives=30", "loss.negative_estimator=\"logq\""],
     ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.negative_sampler=\"popularity\""],
     ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.negative_estimator=\"control_variate\""],
 ])
