@@ -121,6 +121,20 @@ class LossConfig:
     """Scale of the intra-behavior SSL loss (reference ``ssl_reg``)."""
     inter_weight: float = 1.0
     """Scale of each inter-behavior SSL loss (reference ``ssl_reg_inter``)."""
+    negatives: Literal["all", "sampled"] = "all"
+    """InfoNCE denominators: ``all`` candidates (exact, the paper) or ``sampled`` (large graphs,
+    beyond the paper): per step and side ``n_negatives`` drawn candidates shared by the batch plus
+    the in-batch positives, logQ-corrected, false negatives still removed."""
+    n_negatives: int = 4096
+    """With negatives = "sampled": candidates drawn (with replacement) per step per side; a side
+    with at most this many candidates stays exact."""
+    negative_sampler: Literal["uniform", "popularity"] = "uniform"
+    """With negatives = "sampled": draw uniformly or in proportion to training interactions + 1."""
+    negative_estimator: Literal["logq", "control_variate"] = "control_variate"
+    """With negatives = "sampled": ``logq`` = each sampled logit minus log of its inclusion
+    probability; ``control_variate`` = the same plus the linear part of every term taken
+    exactly over all candidates (one O(|C|·d) pass per step; lower variance; needs
+    fn_mode = "remove")."""
     view_propagation: Literal["target", "full"] = "target"
     """Intra-SSL views: propagate only the target behavior over each view, reusing the main
     pass's auxiliary messages (fast), or a full K-behavior propagation per view (authors' code)."""
@@ -380,6 +394,11 @@ def validate(cfg: Config) -> None:
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas = {t.adam_betas}: need two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if lo.negatives == "sampled" and lo.negative_estimator == "control_variate" and lo.fn_mode != "remove":
+        raise ConfigError("loss.negative_estimator = 'control_variate' (the default) needs loss.fn_mode = 'remove'; "
+                          "set loss.negative_estimator = 'logq' for the reference false-negative mode")
+    if lo.negatives == "sampled" and lo.n_negatives < 1:
+        raise ConfigError(f"loss.n_negatives = {lo.n_negatives}: must be >= 1 with loss.negatives = 'sampled'")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout = {m.dropout}: must be in [0, 1)")
     if not m.init_scale > 0:

@@ -195,6 +195,9 @@ def build_model(cfg: Config, ds, part, comm, device: torch.device, user_fn_all=N
                   init_generator=make_generator(cfg.train.seed, 0, 0, "init")).to(device)
     step = TrainStep(model, cfg.loss, cfg.hmg, cfg.train, comm, aux_names=list(ds.behaviors)[:-1])
     step.reduce_grads = GradReducer(step.params, comm)
+    if cfg.loss.negatives == "sampled" and cfg.loss.negative_sampler == "popularity":
+        step.popularity = (torch.from_numpy(np.bincount(ds.train_user, minlength=ds.n_users)),
+                           torch.from_numpy(np.bincount(ds.train_item, minlength=ds.n_items)))
     user_items = None
     if m.interaction_scoring:
         user_items = [torch.sparse_csr_tensor(g.indptr, g.indices, torch.ones(g.nnz), size=(g.n_users, g.n_items))

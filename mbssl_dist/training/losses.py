@@ -377,6 +377,173 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: torch.Ten
     return per.sum()
 
 
+# --------------------------------------------------------------------------- sampled negatives
+@dataclass
+class SampledCandidates:
+    """One step's sampled candidates of one InfoNCE side, shared by the whole batch.
+
+    ids: [S] unique global candidate ids; log_pi: [S] log of each one's inclusion probability
+    (0 = always included)."""
+
+    ids: torch.Tensor
+    log_pi: torch.Tensor
+
+
+class NegativeSampler:
+    """Draws ``n`` candidates with replacement from ``n_candidates`` global ids, uniformly or in
+    proportion to ``counts + 1`` (popularity; +1 keeps every candidate reachable), and returns
+    the unique ids with their inclusion probability π = 1 − (1 − p)^n. Cost O(n log C) per draw
+    (the popularity CDF is built once). With ``n >= n_candidates`` every candidate is taken
+    with π = 1 (the exact denominator)."""
+
+    def __init__(self, n_candidates: int, n: int, kind: str = "uniform", counts: torch.Tensor | None = None) -> None:
+        if kind not in ("uniform", "popularity"):
+            raise ValueError(f"negative sampler must be uniform or popularity, got {kind!r}")
+        self.C, self.n, self.kind = int(n_candidates), int(n), kind
+        self.p = self.cdf = None
+        if kind == "popularity" and self.n < self.C:
+            if counts is None or counts.numel() != self.C:
+                raise ValueError(f"popularity sampling needs one count per candidate ({self.C})")
+            w = counts.to(torch.float64) + 1.0
+            self.p = w / w.sum()
+            self.cdf = torch.cumsum(self.p, 0)
+
+    def draw(self, g: torch.Generator) -> SampledCandidates:
+        C, n = self.C, self.n
+        if n >= C:
+            return SampledCandidates(torch.arange(C), torch.zeros(C, dtype=torch.float64))
+        if self.kind == "uniform":
+            ids = torch.unique(torch.randint(C, (n,), generator=g))
+            p = torch.full((ids.numel(),), 1.0 / C, dtype=torch.float64)
+        else:
+            u = torch.rand(n, generator=g, dtype=torch.float64) * float(self.cdf[-1])
+            ids = torch.unique(torch.searchsorted(self.cdf, u, right=True).clamp_(max=C - 1))
+            p = self.p[ids]
+        log_pi = torch.log(-torch.expm1(n * torch.log1p(-p)))
+        return SampledCandidates(ids, log_pi)
+
+
+def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: torch.Tensor, tau: float,
+                     sample: SampledCandidates, anchors_meta: Anchors | None = None, comm: Comm | None = None,
+                     candidates_sharded: bool = False, candidate_ids: torch.Tensor | None = None,
+                     fn_mode: str = "remove", extra_zero_logits: int = 0,
+                     estimator: str = "logq") -> torch.Tensor:
+    """:func:`info_nce` with the denominator over a candidate subset: the in-batch candidates
+    (every rank's anchors' own ids, i.e. the batch's positives; inclusion probability 1) plus
+    the sampled ids not among them, each logit corrected by −log π (so the denominator is the
+    Horvitz–Thompson estimate of the exact one). False negatives are removed from each
+    anchor's row (the positive itself is kept), as in the exact loss. Cost O(A·(S + A)·d),
+    independent of the number of candidates. Sharded candidates: each rank sums the columns it
+    holds and the partial denominators are all-reduced, as in :func:`info_nce`. With
+    ``fn_mode = "remove"`` it runs the exact loss's chunked kernels (:class:`_LogDenSum`,
+    :class:`_ExpSum`) with −log π as one more embedding coordinate; ``reference`` uses plain
+    autograd over the [A, S + A] logits.
+
+    ``estimator = "control_variate"``: the same sampled set, with the linear part of each term
+    taken exactly. With μ_a = mean over all candidates of s_av = cos(a, v)/τ (one pass over the
+    candidates: za·Σ_v zv, O(|C|·d), the sum all-reduced when sharded) and the tangent
+    h_a(s) = e^{μ_a}(1 + s − μ_a), Σ_{v∈C} h_a(s_av) = |C|·e^{μ_a} exactly, so
+    den_a = |C|·e^{μ_a} + Σ_{v∈set, v∉FN(a)} (e^{s_av} − h_a(s_av))/π_v − Σ_{v∈set∩FN(a)} h_a(s_av)/π_v
+    (unbiased for the exact FN-removed denominator; every candidate gets the mean-field part
+    of its gradient, the sampled part only carries the small convex remainder)."""
+    comm = comm or LocalComm()
+    if fn_mode not in FN_MODES:
+        raise ValueError(f"fn_mode must be one of {FN_MODES}, got {fn_mode!r}")
+    meta = anchors_meta
+    n_loc = anchor.shape[0]
+    za = F.normalize(anchor, dim=1)
+    zp = F.normalize(positive, dim=1)
+    inv_t = 1.0 / tau
+    dist = candidates_sharded and comm.world_size > 1
+    fn = _fn_pairs(meta) if meta is not None else None
+    a_ids = (meta.global_ids() if meta is not None else torch.arange(n_loc, device=anchor.device)).to(torch.int64)
+    offset = 0
+    all_ids = a_ids
+    if comm.world_size > 1:  # the in-batch candidates are the whole batch's, on every rank
+        counts = comm.all_gather_cat(torch.tensor([n_loc], dtype=torch.int64, device=anchor.device))
+        offset = int(counts[: comm.rank].sum())
+        all_ids = comm.all_gather_cat(a_ids)
+    ZA = za
+    if dist:
+        ZA = comm.all_gather_cat(za)
+        a_ids = all_ids
+        if fn is not None:
+            fn = (comm.all_gather_cat(fn[0] + offset), comm.all_gather_cat(fn[1]))
+    batch_ids = torch.unique(all_ids)
+    s_ids = sample.ids.to(all_ids.device)
+    other = ~torch.isin(s_ids, batch_ids)
+    ids = torch.cat([batch_ids, s_ids[other]])
+    logw = torch.cat([batch_ids.new_zeros(batch_ids.numel(), dtype=za.dtype),
+                      -sample.log_pi.to(device=za.device, dtype=za.dtype)[other]])
+    cols, ok = _lookup(candidate_ids, candidates.shape[0], ids)
+    ids, cols, logw = ids[ok], cols[ok], logw[ok]
+    zc = F.normalize(candidates[cols], dim=1)
+    r = c = None
+    if fn is not None and fn[0].numel() > 0 and ids.numel() > 0:
+        rows, fid = fn
+        srt, order = torch.sort(ids)
+        at = torch.searchsorted(srt, fid).clamp_(max=ids.numel() - 1)
+        hit = srt[at] == fid
+        if fn_mode == "remove":
+            hit &= fid != a_ids[rows]
+        r, c = rows[hit], order[at[hit]]
+        if r.numel() == 0:
+            r = c = None
+    w = meta.weight.to(za.dtype) if meta is not None and meta.weight is not None else za.new_ones(n_loc)
+    pos = (za * zp).sum(1) * inv_t
+    if estimator == "control_variate":
+        if fn_mode != "remove":
+            raise ValueError("the control_variate estimator needs fn_mode = 'remove'")
+        zall = F.normalize(candidates, dim=1).sum(0)
+        n_all = float(candidates.shape[0])
+        if dist:
+            zall = comm.all_reduce_sum(zall)
+            n_all = float(comm.all_reduce_sum_(torch.tensor([n_all], dtype=torch.float64)))
+        mu = (ZA @ zall) * (inv_t / n_all) - inv_t  # mean shifted logit (cos − 1)/τ per anchor
+        em = mu.exp()
+        # Σ_{set∖FN} e^{s}/π (the chunked kernel, logQ as one more coordinate) minus the tangent
+        # summed over the whole set, Σ_set h/π = e^μ (W (1 − μ) + Σ_v s_av/π_v), which is linear in
+        # the candidates: W = Σ 1/π, Σ_v s_av/π_v = (za·Σ_v zv/π_v − W)/τ; no [A, S] matrix kept
+        cw = logw.exp()
+        W = cw.sum()
+        za1 = torch.cat([ZA, ZA.new_ones(ZA.shape[0], 1)], 1)
+        zc1 = torch.cat([zc, (tau * logw).unsqueeze(1)], 1)
+        den = _ExpSum.apply(za1, zc1, r, c, 0.0, inv_t) - em * (W * (1.0 - mu) + inv_t * (ZA @ (cw @ zc) - W))
+        if dist:
+            den = comm.all_reduce_sum(den)  # partial sums over each rank's columns; μ is the same everywhere
+        den = den + n_all * em
+        if extra_zero_logits:
+            den = den + extra_zero_logits * math.exp(-inv_t)
+        if dist:
+            den = den[offset: offset + n_loc]
+        return (w * (torch.log(den) + inv_t - pos)).sum()
+    if estimator != "logq":
+        raise ValueError(f"estimator must be logq or control_variate, got {estimator!r}")
+    if fn_mode == "remove":
+        # the logQ term as one more coordinate: [za, 1]·[zc, τ·logw] / τ = cos/τ + logw, so the
+        # chunked kernels of the exact loss apply unchanged (FN entries filled with 0)
+        za1 = torch.cat([ZA, ZA.new_ones(ZA.shape[0], 1)], 1)
+        zc1 = torch.cat([zc, (tau * logw).unsqueeze(1)], 1)
+        extra = extra_zero_logits * math.exp(-inv_t) if extra_zero_logits else 0.0
+        if not dist:
+            return _LogDenSum.apply(za1, zc1, r, c, 0.0, inv_t, w.detach(), extra) + (w * (inv_t - pos)).sum()
+        den = comm.all_reduce_sum(_ExpSum.apply(za1, zc1, r, c, 0.0, inv_t))
+        if extra:
+            den = den + extra
+        return (w * (torch.log(den[offset: offset + n_loc]) + inv_t - pos)).sum()
+    logits = torch.addmm(za.new_full((), -inv_t), ZA * inv_t, zc.T)  # (cos − 1)/τ: no overflow
+    if r is not None:
+        logits = logits.index_put((r, c), logits.new_full((), -inv_t))  # reference: cosine logit set to 0
+    den = torch.exp(logits + logw).sum(1)
+    if dist:
+        den = comm.all_reduce_sum(den)
+    if extra_zero_logits:
+        den = den + extra_zero_logits * math.exp(-inv_t)
+    if dist:
+        den = den[offset: offset + n_loc]
+    return (w * (torch.log(den) + inv_t - pos)).sum()
+
+
 class InterBehaviorInfoNCE(nn.Module):
     """Inter-behavior SSL (paper Eq 7; reference ``SSLoss2``) for one auxiliary behavior k.
 
@@ -386,6 +553,7 @@ class InterBehaviorInfoNCE(nn.Module):
     """
 
     uses_false_negatives = True
+    negative_estimator = "logq"  # sampled mode: "logq" or "control_variate" (see sampled_info_nce)
 
     def __init__(self, tau: float = 0.5, fn_mode: str = "remove", user_side: bool = True, item_side: bool = True,
                  item_extra_zero_logits: int = 0) -> None:
@@ -399,21 +567,29 @@ class InterBehaviorInfoNCE(nn.Module):
     def forward(self, user_a: torch.Tensor, user_b: torch.Tensor, user_anchors: Anchors | None,
                 item_a: torch.Tensor, item_b: torch.Tensor, item_anchors: Anchors | None,
                 comm: Comm | None = None, user_candidate_ids: torch.Tensor | None = None,
-                weight: float = 1.0) -> torch.Tensor:
+                weight: float = 1.0,
+                samples: tuple[SampledCandidates | None, SampledCandidates | None] = (None, None)) -> torch.Tensor:
         """user_a/user_b: [n_local_users, d] anchor/positive reps of the local users (candidates =
-        all rows of ``user_b``); item_a/item_b: [n_items, d]. Anchors index these rows."""
+        all rows of ``user_b``); item_a/item_b: [n_items, d]. Anchors index these rows.
+        samples: (user side, item side) sampled candidates (``loss.negatives = "sampled"``);
+        None = all candidates (exact)."""
         comm = comm or LocalComm()
         total = user_a.new_zeros(())
-        sides = [(self.user_side, user_a, user_b, user_anchors, True), (self.item_side, item_a, item_b, item_anchors, False)]
-        for on, a, b, anchors, sharded in sides:
+        sides = [(self.user_side, user_a, user_b, user_anchors, True, samples[0]),
+                 (self.item_side, item_a, item_b, item_anchors, False, samples[1])]
+        for on, a, b, anchors, sharded, sample in sides:
             if not on or anchors is None:
                 continue
             if not self.uses_false_negatives:
                 anchors = Anchors(anchors.rows, anchors.weight, anchors.ids)
             r = anchors.rows
-            total = total + info_nce(a[r], b[r], b, self.tau, anchors, comm, candidates_sharded=sharded,
-                                     candidate_ids=user_candidate_ids if sharded else None, fn_mode=self.fn_mode,
-                                     extra_zero_logits=0 if sharded else self.item_extra_zero_logits)
+            kw = dict(candidates_sharded=sharded, candidate_ids=user_candidate_ids if sharded else None,
+                      fn_mode=self.fn_mode, extra_zero_logits=0 if sharded else self.item_extra_zero_logits)
+            if sample is None:
+                total = total + info_nce(a[r], b[r], b, self.tau, anchors, comm, **kw)
+            else:
+                total = total + sampled_info_nce(a[r], b[r], b, self.tau, sample, anchors, comm, **kw,
+                                                 estimator=self.negative_estimator)
         return weight * total
 
 

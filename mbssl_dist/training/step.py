@@ -28,7 +28,7 @@ from ..model.propagation import Adjacency, Grads, Propagation, ViewCotangents, r
 from ..parallel.comm import Comm, LocalComm
 from ..utils.seeding import make_generator
 from .batch import Batch
-from .losses import InteractionTerms, InterBehaviorInfoNCE, IntraBehaviorInfoNCE, NonSamplingLoss
+from .losses import InteractionTerms, InterBehaviorInfoNCE, IntraBehaviorInfoNCE, NegativeSampler, NonSamplingLoss
 from .optimizer import TrainState
 
 ReduceGrads = Callable[[list, list], list]
@@ -82,6 +82,7 @@ class TrainStep:
         self.rec_loss = NonSamplingLoss(list(loss.lambdas) or [1.0 / K] * K, c_neg, loss.decay)
         self.inter_loss = InterBehaviorInfoNCE(loss.tau, loss.fn_mode)
         self.intra_loss = IntraBehaviorInfoNCE(loss.tau)
+        self.inter_loss.negative_estimator = self.intra_loss.negative_estimator = loss.negative_estimator
         names = list(aux_names) if aux_names is not None else [str(k) for k in range(K - 1)]
         if len(names) != K - 1:
             raise ValueError(f"aux_names {names}: expected {K - 1} auxiliary behaviors")
@@ -92,6 +93,10 @@ class TrainStep:
         self.params = [p for _, p in named]
         self.sharded = [p is model.user_embedding for p in self.params]
         self.state = TrainState.build(self.params, len(self.tasks), train, hmg)
+        # loss.negatives = "sampled": (user, item) interaction counts for the popularity sampler
+        # (global ids; set by the trainer), the samplers built on first use
+        self.popularity: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._samplers: tuple[NegativeSampler, NegativeSampler] | None = None
         self.timings: dict[str, float] | None = None  # set to {} to record per-phase seconds
         self._t_last = 0.0
 
@@ -135,6 +140,23 @@ class TrainStep:
         return self.losses(users, items, relations, views, batch), Forward(main, props, users, items, views,
                                                                             relations, rel)
 
+    def negative_samples(self) -> tuple:
+        """This step's sampled (user side, item side) candidates, or (None, None) in exact mode:
+        drawn from (seed, epoch, step, "negatives"), so every rank draws the same ids."""
+        lo, m = self.loss, self.model
+        if lo.negatives != "sampled":
+            return None, None
+        if self._samplers is None:
+            pop = lo.negative_sampler == "popularity"
+            if pop and self.popularity is None:
+                raise ValueError("negative_sampler = 'popularity' needs TrainStep.popularity (user, item counts)")
+            uc, ic = self.popularity if pop else (None, None)
+            self._samplers = (NegativeSampler(m.n_users_global, lo.n_negatives, lo.negative_sampler, uc),
+                              NegativeSampler(m.n_items, lo.n_negatives, lo.negative_sampler, ic))
+        st = self.state
+        g = make_generator(st.seed, st.epoch, st.step, "negatives")
+        return tuple(s.draw(g) for s in self._samplers)
+
     def losses(self, users: torch.Tensor, items: torch.Tensor, relations: torch.Tensor,
                views: Sequence[torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         """Task losses from the propagated users [n_u, K, d], items [n_i, K, d], relation readout
@@ -151,16 +173,17 @@ class TrainStep:
         rec, reg, _ = self.rec_loss(users[batch.users], items, relations, batch.pos, comm, inter_terms)
         losses = {"rec": rec}
         self._tick("loss/rec")
+        samples = self.negative_samples()
         if lo.use_intra:
             v1, v2 = views
             losses["intra"] = self.intra_loss(v1[:n_u], v2[:n_u], batch.user_anchors, v1[n_u:], v2[n_u:],
-                                              batch.item_anchors, comm, m.user_ids, lo.intra_weight)
+                                              batch.item_anchors, comm, m.user_ids, lo.intra_weight, samples)
             self._tick("loss/intra")
         if lo.use_inter:
             for k in range(K - 1):
                 losses[self.inter_tasks[k]] = self.inter_loss(users[:, K - 1], users[:, k], batch.user_anchors,
                                                               items[:, K - 1], items[:, k], batch.item_anchors,
-                                                              comm, m.user_ids, lo.inter_weight)
+                                                              comm, m.user_ids, lo.inter_weight, samples)
                 self._tick(f"loss/inter_{k}")
         losses["reg"] = reg
         return losses
