@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,10 @@ def _worker(rank: int, world: int, port: int, data_dir: str, assign: np.ndarray,
     import mbssl_dist.utils.seeding as M
 
     block_rows = M.MASK_BLOCK_ROWS  # restored below: world=1 runs in the pytest process itself
+    if world > 1:
+        import faulthandler
+
+        faulthandler.enable()  # an abort in a rank prints that rank's Python stack
     try:
         torch.set_num_threads(1)
         from mbssl_dist.parallel.comm import LocalComm
@@ -119,8 +124,17 @@ def run_world(world: int, data_dir: Path, assign: np.ndarray, overrides: list[st
     if world == 1:
         _worker(0, 1, port, str(data_dir), assign, overrides, str(out), steps)
     else:
-        mp.start_processes(_worker, args=(world, port, str(data_dir), assign, overrides, str(out), steps),
-                           nprocs=world, join=True, start_method="spawn")
+        try:
+            mp.start_processes(_worker, args=(world, port, str(data_dir), assign, overrides, str(out), steps),
+                               nprocs=world, join=True, start_method="spawn")
+        except mp.ProcessExitedException as e:
+            # Rarely (about 1 launch in 40 under load, never reproduced alone) a rank aborts in gloo's
+            # teardown with "terminate called without an active exception", after every rank wrote
+            # its results: that abort is tolerated (and reported); any earlier failure is not.
+            written = all((out / f"rank{r}.pt").exists() for r in range(world))
+            if not (written and e.signal_name == "SIGABRT" and not list(out.glob("*.err"))):
+                raise
+            warnings.warn(f"rank {e.error_index} aborted after all ranks wrote their results: {e}")
     errs = list(out.glob("*.err"))
     assert not errs, errs[0].read_text()
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
