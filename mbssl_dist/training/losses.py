@@ -305,6 +305,17 @@ class _LogDenSum(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def _prepare(anchor, positive, tau, meta, comm, candidates_sharded, fn_mode):
+    """The common inputs of the exact and the sampled InfoNCE: (comm, n_local_anchors, normalized
+    anchors, normalized positives, 1/τ, whether candidates are split over ranks, FN pairs)."""
+    comm = comm or LocalComm()
+    if fn_mode not in FN_MODES:
+        raise ValueError(f"fn_mode must be one of {FN_MODES}, got {fn_mode!r}")
+    za, zp = F.normalize(anchor, dim=1), F.normalize(positive, dim=1)
+    fn = _fn_pairs(meta) if meta is not None else None
+    return comm, anchor.shape[0], za, zp, 1.0 / tau, candidates_sharded and comm.world_size > 1, fn
+
+
 def info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: torch.Tensor, tau: float,
              anchors_meta: Anchors | None = None, comm: Comm | None = None, candidates_sharded: bool = False,
              candidate_ids: torch.Tensor | None = None, fn_mode: str = "remove",
@@ -322,17 +333,10 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: torch.Ten
     extra_zero_logits: add this many e⁰ terms to every denominator (the reference's zero
         "token" item row adds one to every item-side denominator).
     """
-    comm = comm or LocalComm()
-    if fn_mode not in FN_MODES:
-        raise ValueError(f"fn_mode must be one of {FN_MODES}, got {fn_mode!r}")
+    comm, n_loc, za, zp, inv_t, dist, fn = _prepare(anchor, positive, tau, anchors_meta, comm, candidates_sharded,
+                                                    fn_mode)
     meta = anchors_meta
-    n_loc = anchor.shape[0]
-    za = F.normalize(anchor, dim=1)
-    zp = F.normalize(positive, dim=1)
     zc = F.normalize(candidates, dim=1)
-    inv_t = 1.0 / tau
-    dist = candidates_sharded and comm.world_size > 1
-    fn = _fn_pairs(meta) if meta is not None else None
     a_ids = meta.global_ids() if meta is not None else None
     offset = 0
     if dist:
@@ -446,16 +450,9 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
     den_a = |C|·e^{μ_a} + Σ_{v∈set, v∉FN(a)} (e^{s_av} − h_a(s_av))/π_v − Σ_{v∈set∩FN(a)} h_a(s_av)/π_v
     (unbiased for the exact FN-removed denominator; every candidate gets the mean-field part
     of its gradient, the sampled part only carries the small convex remainder)."""
-    comm = comm or LocalComm()
-    if fn_mode not in FN_MODES:
-        raise ValueError(f"fn_mode must be one of {FN_MODES}, got {fn_mode!r}")
+    comm, n_loc, za, zp, inv_t, dist, fn = _prepare(anchor, positive, tau, anchors_meta, comm, candidates_sharded,
+                                                    fn_mode)
     meta = anchors_meta
-    n_loc = anchor.shape[0]
-    za = F.normalize(anchor, dim=1)
-    zp = F.normalize(positive, dim=1)
-    inv_t = 1.0 / tau
-    dist = candidates_sharded and comm.world_size > 1
-    fn = _fn_pairs(meta) if meta is not None else None
     a_ids = (meta.global_ids() if meta is not None else torch.arange(n_loc, device=anchor.device)).to(torch.int64)
     offset = 0
     all_ids = a_ids
