@@ -151,6 +151,11 @@ class HMGConfig:
     """Relax factor r of the magnitude rescaling."""
     norm_source: Literal["ema", "current"] = "ema"
     """Norms used in the rescaling: EMAs (authors' code) or current norms (paper Eq 14)."""
+    aux_budget: float = 0.0
+    """Beyond the paper: after the strategy, the auxiliary gradients of each parameter tensor
+    are scaled down together so that the sum of their norms is at most this multiple of the
+    target gradient's norm (0 = off, the paper). Keeps the SSL tasks from swamping the target
+    at the start, when their gradients are 10^2-10^4 x the target's."""
 
 
 @dataclass
@@ -392,6 +397,8 @@ def validate(cfg: Config) -> None:
                      ("data.n_users", d.n_users), ("data.n_items", d.n_items)]:
         _positive(where, v, strict=False)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
+    if not h.aux_budget >= 0:
+        raise ConfigError(f"hmg.aux_budget = {h.aux_budget}: must be >= 0 (0 = off)")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas = {t.adam_betas}: need two numbers in [0, 1), e.g. [0.9, 0.999]")
     if lo.negatives == "sampled" and lo.negative_estimator == "control_variate" and lo.fn_mode != "remove":

@@ -129,7 +129,15 @@ def mean_stats(results: list[dict]) -> dict:
     n = len(results)
     if not n:
         return out
+    first = results[0]["hmg"]
+    for t, s in zip(first.get("aux_tasks", []), first.get("aux", [])):
+        for k in ("norm_ratio", "applied_ratio"):
+            if k in s and math.isfinite(s[k]):
+                out[f"hmg/{t}/{k}_first_step"] = s[k]
     for r in results:
+        b = r["hmg"].get("aux_total_bound")
+        if b is not None and math.isfinite(b):
+            out["hmg/aux_total_bound"] = out.get("hmg/aux_total_bound", 0.0) + b / n
         for k, v in r["losses"].items():
             out[f"loss/{k}"] = out.get(f"loss/{k}", 0.0) + v / n
         for t, s in zip(r["hmg"].get("aux_tasks", []), r["hmg"].get("aux", [])):
@@ -398,7 +406,8 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                     logger.finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, status="FAILED")
                     return 3
                 results.append({"losses": res.losses, "hmg": {"aux_tasks": res.hmg.get("aux_tasks", []),
-                                                              "aux": res.hmg.get("aux", [])}})
+                                                              "aux": res.hmg.get("aux", []),
+                                                              "aux_total_bound": res.hmg.get("aux_total_bound")}})
                 if progress:
                     bar.set_postfix(rec=f"{res.losses['rec']:.4g}")
                 if every_steps and state.step % every_steps == 0 and b + 1 < n_batches:

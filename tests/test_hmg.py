@@ -187,3 +187,49 @@ def test_sharded_scalars_one_collective(strategy):
 def test_bad_strategy():
     with pytest.raises(ValueError):
         HMG(2, "X")
+
+
+def _contributions(grads, alpha, gamma, j):
+    """Each auxiliary task's term in tensor j, built from the coefficients by hand."""
+    g0 = grads[0][j]
+    return [alpha[t, j] * grads[t][j] + gamma[t, j] * g0 for t in range(1, len(grads)) if grads[t][j] is not None]
+
+
+@pytest.mark.parametrize("strategy", ["hmg", "none", "B"])
+@pytest.mark.parametrize("kappa", [0.1, 0.5, 2.0])
+def test_aux_budget_caps_sum_of_aux_norms(strategy, kappa):
+    g = torch.Generator().manual_seed(3)
+    # 4 tasks x 3 tensors, aux norms 1x-1000x the target's, tensor 2 has no target gradient
+    scales = [1.0, 1000.0, 30.0, 1.0]
+    grads = [[torch.randn(5, generator=g, dtype=D) * s, torch.randn(2, 3, generator=g, dtype=D) * s,
+              None if t == 0 else torch.randn(4, generator=g, dtype=D) * s] for t, s in enumerate(scales)]
+    ref = HMG(4, strategy, relax=0.7)
+    want, st_ref = ref.combine(grads)
+    capped = HMG(4, strategy, relax=0.7, aux_budget=kappa)
+    out, st = capped.combine(grads)
+    per_tensor = []
+    for j in range(2):
+        g0 = grads[0][j]
+        parts = _contributions(grads, st_ref["alpha"], st_ref["gamma"], j)
+        s = sum(float(p.norm()) for p in parts)
+        cap = kappa * float(g0.norm())
+        f = min(1.0, cap / s)
+        assert torch.allclose(out[j], g0 + f * sum(parts), rtol=1e-12, atol=1e-12)
+        assert float((out[j] - g0).norm()) <= cap * (1 + 1e-9)
+        per_tensor.append(f * s)
+    assert torch.equal(out[2], want[2])  # no target gradient: left as the strategy made it
+    per_tensor.append(sum(float((st_ref["alpha"][t, 2] * grads[t][2]).norm()) for t in range(1, 4)))
+    g0_norm = math.sqrt(sum(float(grads[0][j].square().sum()) for j in range(2)))
+    assert math.isclose(st["aux_total_bound"], math.sqrt(sum(x * x for x in per_tensor)) / g0_norm, rel_tol=1e-9)
+    for a in st["aux"]:
+        assert a["applied_ratio"] >= 0.0
+
+
+def test_aux_budget_off_and_not_binding_change_nothing():
+    g0, g1 = _t(3.0, 0.0), _t(-1.0, 1.0)
+    (a,), _ = HMG(2, "hmg").combine([[g0], [g1]])
+    (b,), st = HMG(2, "hmg", aux_budget=10.0).combine([[g0], [g1]])
+    assert torch.equal(a, b) and st["aux"][0]["frac_rescaled"] == 0.0
+    assert math.isclose(st["aux"][0]["applied_ratio"], math.sqrt(2) / 3)
+    with pytest.raises(ValueError):
+        HMG(2, "hmg", aux_budget=-1.0)

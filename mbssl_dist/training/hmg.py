@@ -21,6 +21,14 @@ Semantics, checked against the authors' code (``utility/metabalance.py`` class
   code meta_s 13): project on conflict, then always rescale.
 * ``none``: plain sum (equal weights).
 
+Auxiliary budget (beyond the paper; ``aux_budget`` κ, default ∞ = off): after the strategy
+has set each auxiliary task's coefficients, the auxiliary contributions to tensor j (each
+``α_tj g_tj + γ_tj g_0j``, i.e. the projected and rescaled gradient) are scaled down together,
+where needed, so that the sum of their norms is at most κ·||g_0j|| (current, not EMA, norms).
+By the triangle inequality the combined auxiliary gradient can then never exceed κ times the
+target gradient on any tensor, whatever the datasets' norm ratios at the start (10²–10⁴ with
+the authors' init). Tensors without a target gradient are left as they are (nothing to swamp).
+
 Guards: a zero target gradient never triggers a projection (⟨g_aux, 0⟩ = 0); a zero EMA norm
 of the auxiliary task skips rescaling (the code would produce 0/0).
 
@@ -43,15 +51,21 @@ from ..parallel.comm import Comm, LocalComm
 STRATEGIES = ("hmg", "A", "B", "C", "none")
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("inf") if a > 0 else 0.0
+
+
 class HMG:
     def __init__(self, n_tasks: int, strategy: str = "hmg", relax: float = 0.7, beta: float = 0.9,
-                 use_ema: bool = True) -> None:
+                 use_ema: bool = True, aux_budget: float = float("inf")) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not 0.0 <= relax <= 1.0:
             raise ValueError(f"relax factor must be in [0, 1], got {relax}")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
+        if not aux_budget >= 0.0:
+            raise ValueError(f"aux_budget must be >= 0, got {aux_budget}")
         if n_tasks < 1:
             raise ValueError("n_tasks must be >= 1")
         self.n_tasks = int(n_tasks)
@@ -59,6 +73,7 @@ class HMG:
         self.relax = float(relax)
         self.beta = float(beta)
         self.use_ema = bool(use_ema)
+        self.aux_budget = float(aux_budget)
         self.ema: torch.Tensor | None = None  # [n_tasks, n_tensors] float64
         self.steps = 0
 
@@ -66,7 +81,7 @@ class HMG:
     def state_dict(self) -> dict:
         return {"ema": None if self.ema is None else self.ema.clone(), "steps": self.steps,
                 "n_tasks": self.n_tasks, "strategy": self.strategy, "relax": self.relax, "beta": self.beta,
-                "use_ema": self.use_ema}
+                "use_ema": self.use_ema, "aux_budget": self.aux_budget}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("n_tasks", self.n_tasks) != self.n_tasks:
@@ -149,6 +164,19 @@ class HMG:
                 alpha[t, j] = a
                 gamma[t, j] = a * (-float(dot[t, j] / n2[0, j]) if do_proj else 0.0)
 
+        # norm of each auxiliary contribution α(g_t − (⟨g_t, g_0⟩/||g_0||²) g_0 if projected else g_t)
+        n0 = n2[0].clamp(min=1e-300)
+        aux_n = alpha * torch.where(projected, (n2 - dot.square() / n0).clamp(min=0), n2).sqrt()
+        aux_n[0] = 0.0
+        if self.aux_budget != float("inf") and T > 1:
+            total = aux_n[1:].sum(0)
+            cap = self.aux_budget * norms[0]
+            f = torch.where((total > cap) & (n2[0] > 0), cap / total.clamp(min=1e-300), torch.ones_like(total))
+            alpha[1:] *= f
+            gamma[1:] *= f
+            aux_n[1:] *= f
+            rescaled[1:] |= (f < 1.0)
+
         combined: list[torch.Tensor | None] = []
         for j in range(J):
             out = None
@@ -165,13 +193,17 @@ class HMG:
             combined.append(out)
 
         tot_n = norms.square().sum(1).sqrt()  # global norm per task
-        stats = {"target_norm": float(tot_n[0]), "aux": []}
+        applied = float(aux_n[1:].sum(0).square().sum().sqrt()) if T > 1 else 0.0
+        # upper bound (triangle inequality per tensor) of ||combined aux|| / ||g_0||
+        stats = {"target_norm": float(tot_n[0]), "aux": [], "aux_total_bound": _ratio(applied, float(tot_n[0]))}
         for t in range(1, T):
             nz = n2[t] > 0
             cnt = int(nz.sum())
             denom = float(tot_n[t] * tot_n[0])
             stats["aux"].append({
                 "norm_ratio": float(tot_n[t] / tot_n[0]) if tot_n[0] > 0 else float("inf") if tot_n[t] > 0 else 0.0,
+                # the same after the strategy (and the budget): what actually enters the update
+                "applied_ratio": _ratio(float(aux_n[t].square().sum().sqrt()), float(tot_n[0])),
                 "cosine": float(dot[t].sum() / denom) if denom > 0 else 0.0,
                 "frac_projected": float((projected[t] & nz).sum()) / cnt if cnt else 0.0,
                 "frac_rescaled": float((rescaled[t] & nz).sum()) / cnt if cnt else 0.0,
