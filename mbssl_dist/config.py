@@ -156,6 +156,10 @@ class HMGConfig:
     are scaled down together so that the sum of their norms is at most this multiple of the
     target gradient's norm (0 = off, the paper). Keeps the SSL tasks from swamping the target
     at the start, when their gradients are 10^2-10^4 x the target's."""
+    aux_budget_rows: bool = False
+    """Apply hmg.aux_budget per row of each matrix (each user's, item's or relation's vector)
+    instead of per tensor: Adam normalizes per coordinate, so an auxiliary gradient on rows the
+    target does not touch would otherwise still be a full-size step there."""
 
 
 @dataclass

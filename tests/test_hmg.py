@@ -233,3 +233,34 @@ def test_aux_budget_off_and_not_binding_change_nothing():
     assert math.isclose(st["aux"][0]["applied_ratio"], math.sqrt(2) / 3)
     with pytest.raises(ValueError):
         HMG(2, "hmg", aux_budget=-1.0)
+
+
+@pytest.mark.parametrize("kappa", [0.2, 1.0])
+def test_aux_budget_per_row(kappa):
+    g = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(6, 3, generator=g, dtype=D) * s, torch.randn(4, generator=g, dtype=D) * s]
+             for s in (1.0, 300.0, 0.01)]
+    grads[0][0][2] = 0.0  # a row the target does not touch: its auxiliary gradient is removed
+    _, st_ref = HMG(3, "hmg", relax=0.7).combine(grads)
+    out, st = HMG(3, "hmg", relax=0.7, aux_budget=kappa, budget_rows=True).combine(grads)
+    g0 = grads[0][0]
+    parts = _contributions(grads, st_ref["alpha"], st_ref["gamma"], 0)
+    want = g0.clone()
+    applied = [0.0, 0.0]
+    for r in range(6):
+        s = sum(float(p[r].norm()) for p in parts)
+        cap = kappa * float(g0[r].norm())
+        f = min(1.0, cap / s) if s > 0 else 1.0
+        for k, p in enumerate(parts):
+            want[r] += f * p[r]
+            applied[k] += float((f * p[r]).square().sum())
+        assert float((out[0][r] - g0[r]).norm()) <= cap * (1 + 1e-9) + 1e-15
+    assert torch.allclose(out[0], want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[0][2], g0[2])
+    # the 1-D tensor is capped as one row
+    parts1 = _contributions(grads, st_ref["alpha"], st_ref["gamma"], 1)
+    f1 = min(1.0, kappa * float(grads[0][1].norm()) / sum(float(p.norm()) for p in parts1))
+    assert torch.allclose(out[1], grads[0][1] + f1 * sum(parts1), rtol=1e-12)
+    n0 = math.sqrt(sum(float(x.square().sum()) for x in grads[0]))
+    ap1 = math.sqrt(applied[0] + float((f1 * parts1[0]).square().sum()))
+    assert math.isclose(st["aux"][0]["applied_ratio"], ap1 / n0, rel_tol=1e-9)

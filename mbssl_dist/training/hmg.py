@@ -57,7 +57,7 @@ def _ratio(a: float, b: float) -> float:
 
 class HMG:
     def __init__(self, n_tasks: int, strategy: str = "hmg", relax: float = 0.7, beta: float = 0.9,
-                 use_ema: bool = True, aux_budget: float = float("inf")) -> None:
+                 use_ema: bool = True, aux_budget: float = float("inf"), budget_rows: bool = False) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not 0.0 <= relax <= 1.0:
@@ -74,6 +74,7 @@ class HMG:
         self.beta = float(beta)
         self.use_ema = bool(use_ema)
         self.aux_budget = float(aux_budget)
+        self.budget_rows = bool(budget_rows)
         self.ema: torch.Tensor | None = None  # [n_tasks, n_tensors] float64
         self.steps = 0
 
@@ -171,14 +172,42 @@ class HMG:
         if self.aux_budget != float("inf") and T > 1:
             total = aux_n[1:].sum(0)
             cap = self.aux_budget * norms[0]
-            f = torch.where((total > cap) & (n2[0] > 0), cap / total.clamp(min=1e-300), torch.ones_like(total))
+            # with budget_rows, matrices are capped row by row below; vectors as one row here
+            whole = torch.tensor([not (self.budget_rows and grads[0][j] is not None and grads[0][j].dim() >= 2)
+                                  for j in range(J)])
+            f = torch.where((total > cap) & (n2[0] > 0) & whole, cap / total.clamp(min=1e-300),
+                            torch.ones_like(total))
             alpha[1:] *= f
             gamma[1:] *= f
             aux_n[1:] *= f
             rescaled[1:] |= (f < 1.0)
 
         combined: list[torch.Tensor | None] = []
+        row_n2 = torch.zeros(T, J, dtype=torch.float64)  # budget_rows: ||aux contribution||² after the row caps
         for j in range(J):
+            g0 = grads[0][j]
+            if self.budget_rows and self.aux_budget != float("inf") and T > 1 and g0 is not None and g0.dim() >= 2:
+                # per row (one user / item / relation vector): Adam normalizes per coordinate, so an
+                # auxiliary gradient on rows the target barely touches is a full-size step there
+                g0d = g0.detach()
+                terms = [None if grads[t][j] is None else grads[t][j].detach() * float(alpha[t, j])
+                         + g0d * float(gamma[t, j]) for t in range(1, T)]
+                flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
+                tot = torch.zeros(g0d.shape[0], dtype=g0d.dtype, device=g0d.device)
+                for c in terms:
+                    if c is not None:
+                        tot += flat(c).norm(dim=1)
+                cap = self.aux_budget * flat(g0d).norm(dim=1)
+                f = torch.where(tot > cap, cap / tot.clamp(min=torch.finfo(tot.dtype).tiny), torch.ones_like(tot))
+                out = g0d.clone()
+                for t, c in enumerate(terms, start=1):
+                    if c is not None:
+                        c = c * f.view(-1, *([1] * (c.dim() - 1)))
+                        row_n2[t, j] = float(c.double().square().sum())
+                        out.add_(c)
+                        rescaled[t, j] |= bool((f < 1).any())
+                combined.append(out)
+                continue
             out = None
             c0 = 1.0 + float(gamma[1:, j].sum())
             if grads[0][j] is not None:
@@ -192,6 +221,16 @@ class HMG:
                 out = term.clone() if out is None else out.add_(term)
             combined.append(out)
 
+        if self.budget_rows and self.aux_budget != float("inf"):
+            rows_j = [j for j in range(J) if bool(row_n2[:, j].any())]
+            if rows_j:  # applied norms of the row-capped tensors (summed over ranks where sharded)
+                idx = torch.tensor([j for j in rows_j if sharded[j]], dtype=torch.int64)
+                if idx.numel() and comm.world_size > 1:
+                    dev = next((g.device for gt in grads for g in gt if g is not None), torch.device("cpu"))
+                    row_n2[:, idx] = comm.all_reduce_sum_(row_n2[:, idx].reshape(-1).to(dev)).to(
+                        "cpu", torch.float64).view(T, -1)
+                for j in rows_j:
+                    aux_n[:, j] = row_n2[:, j].sqrt()
         tot_n = norms.square().sum(1).sqrt()  # global norm per task
         applied = float(aux_n[1:].sum(0).square().sum().sqrt()) if T > 1 else 0.0
         # upper bound (triangle inequality per tensor) of ||combined aux|| / ||g_0||
