@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=[str(ROOT / "configs" / f"{c}.toml") for c in DEFAULT])
     ap.add_argument("--budget", nargs="+", type=float, default=[0.0, 0.5])
     ap.add_argument("--set", action="append", default=[], help="extra overrides for every run")
-    ap.add_argument("--out", default="runs/hmg_first_step")
+    ap.add_argument("--out", default="runs/hmg_first_step", help="a new folder for the runs (never reused)")
     a = ap.parse_args()
     print(f"load average {os.getloadavg()}")
     print("| config | aux_budget | task | norm ratio before HMG | applied ratio after | total bound |")
@@ -36,10 +36,14 @@ def main() -> None:
                    "--set", f"hmg.aux_budget={b}", "--set", f'run.output_dir="{a.out}"', "--set", f'run.name="{name}"']
             for s in a.set:
                 cmd += ["--set", s]
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if p.returncode:
+                sys.exit(f"{name}: the trainer exited {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
             rec = next(json.loads(x) for x in (ROOT / a.out / name / "metrics.jsonl").read_text().splitlines()
                        if json.loads(x).get("kind") == "epoch")
             tasks = sorted({k.split("/")[1] for k in rec if k.endswith("/norm_ratio_first_step")})
+            if not tasks:
+                print(f"| {Path(c).stem} | {b:g} | (no auxiliary task in this config) | | | |", flush=True)
             for t in tasks:
                 print(f"| {Path(c).stem} | {b:g} | {t} | {rec[f'hmg/{t}/norm_ratio_first_step']:.4g} | "
                       f"{rec[f'hmg/{t}/applied_ratio_first_step']:.4g} | {rec.get('hmg/aux_total_bound', float('nan')):.4g} |",
