@@ -210,6 +210,8 @@ CASES = {
     "full_views": ["loss.view_propagation=\"full\""],
     # reduce-scatter / all-gather through shared memory instead of gloo
     "shm": ["_shm", "model.interaction_scoring=true", "model.interaction_per_item=true"],
+    # the SSL budget per row (row norms are local to the rank that holds the row)
+    "aux_budget_rows": ["hmg.aux_budget=0.3", "hmg.aux_budget_rows=true", "hmg.relax=1.0"],
 }
 
 
