@@ -179,9 +179,7 @@ def _lookup(candidate_ids: torch.Tensor | None, n_cand: int, ids: torch.Tensor) 
     return order[pos], ok
 
 
-_CHUNK_ELEMS = 1 << 22  # logits entries materialized at once (16 MiB in float32): ~190 anchors x 21.7k
-# candidates per chunk; with the candidates-major block the GEMMs ran fastest at 128-256 anchor
-# columns per chunk on a 2 MiB-L2 Xeon (tools/bench_ssl.py)
+_CHUNK_ELEMS = 1 << 21  # logits entries materialized at once (8 MiB in float32)
 
 
 def _row_chunks(A: int, C: int, rows: torch.Tensor | None):
@@ -200,19 +198,15 @@ _UNSHIFTED_MAX_INV_T = 60.0  # exp(cos/τ) ≤ e^60 is far from float32 overflow
 
 
 def _exp_block(za_t, zc, s, e, rows, cols, sel, inv_t, fill, shift: bool = True):
-    """The TRANSPOSED block Eᵀ = exp((zc·za[s:e]ᵀ − 1)·inv_t), [C, e − s], with the FN entries set
-    to ``fill``; ``za_t`` = za·inv_t (one fused ``addmm`` for the shifted logits, then one in-place
-    exp). ``shift=False``: exp(zc·za[s:e]ᵀ·inv_t), one plain ``mm``. The candidates-major layout
-    makes all three GEMMs of a chunk (logits, dza = Eᵀᵀ·zc, dzc += Eᵀ·za) run with the long
-    candidate dimension as the GEMM's M or K and the rank-(e − s) update of dzc without a
-    transpose, which measured ~1.7x faster per chunk than the anchors-major [e − s, C] block
-    (``tools/bench_ssl.py``)."""
+    """exp((za[s:e]·zcᵀ − 1)·inv_t) with the FN entries set to ``fill``; ``za_t`` = za·inv_t
+    (one fused ``addmm`` for the shifted logits, then one in-place exp). ``shift=False``:
+    exp(za[s:e]·zcᵀ·inv_t), one plain ``mm`` (no pass to broadcast the shift into the output)."""
     if shift:
-        E = torch.addmm(zc.new_full((), -inv_t), zc, za_t[s:e].T).exp_()
+        E = torch.addmm(za_t.new_full((), -inv_t), za_t[s:e], zc.T).exp_()
     else:
-        E = torch.mm(zc, za_t[s:e].T).exp_()
+        E = torch.mm(za_t[s:e], zc.T).exp_()
     if sel is not None and sel.stop > sel.start:
-        E[cols[sel], rows[sel] - s] = fill
+        E[rows[sel] - s, cols[sel]] = fill
     return E
 
 
@@ -238,7 +232,7 @@ class _ExpSum(torch.autograd.Function):
         den = za.new_empty(A)
         za_t = za * inv_t
         for s, e, sel in _row_chunks(A, C, rows):
-            torch.sum(_exp_block(za_t, zc, s, e, rows, cols, sel, inv_t, fill), 0, out=den[s:e])
+            torch.sum(_exp_block(za_t, zc, s, e, rows, cols, sel, inv_t, fill), 1, out=den[s:e])
         ctx.save_for_backward(za, zc, rows, cols)
         ctx.inv_t = inv_t
         return den
@@ -254,9 +248,9 @@ class _ExpSum(torch.autograd.Function):
         gs = (g * inv_t).unsqueeze(1)  # row scale of dE: applied to the [A, d] factors, not to E
         zag = za * gs
         for s, e, sel in _row_chunks(A, C, rows):
-            E = _exp_block(za_t, zc, s, e, rows, cols, sel, inv_t, 0.0)  # [C, e − s]; fill entries are constants
-            torch.mm(E.T, zc, out=gza[s:e])
-            gzc.addmm_(E, zag[s:e])
+            E = _exp_block(za_t, zc, s, e, rows, cols, sel, inv_t, 0.0)  # fill entries are constants
+            torch.mm(E, zc, out=gza[s:e])
+            gzc.addmm_(E.T, zag[s:e])
         gza.mul_(gs)
         return gza, gzc, None, None, None, None
 
@@ -285,19 +279,19 @@ class _LogDenSum(torch.autograd.Function):
             fill = fill * math.exp(inv_t)
             extra = extra * math.exp(inv_t)
         for s, e, sel in _row_chunks(A, C, rows):
-            E = _exp_block(za_t, zc, s, e, rows, cols, sel, inv_t, fill, shift)  # [C, e − s]
-            den = E.sum(0)
+            E = _exp_block(za_t, zc, s, e, rows, cols, sel, inv_t, fill, shift)
+            den = E.sum(1)
             if extra:
                 den += extra
             wa = w[s:e]
             total += (wa * den.log()).sum(dtype=torch.float64)
             if need:
                 if sel is not None and fill != 0.0 and sel.stop > sel.start:
-                    E[cols[sel], rows[sel] - s] = 0.0  # constants: no gradient
+                    E[rows[sel] - s, cols[sel]] = 0.0  # constants: no gradient
                 gs = (wa * inv_t / den).unsqueeze(1)
-                torch.mm(E.T, zc, out=gza[s:e])
+                torch.mm(E, zc, out=gza[s:e])
                 gza[s:e].mul_(gs)
-                gzc.addmm_(E, za[s:e] * gs)
+                gzc.addmm_(E.T, za[s:e] * gs)
         if not shift:
             total -= inv_t * w.sum(dtype=torch.float64)
         ctx.grads = (gza, gzc)
