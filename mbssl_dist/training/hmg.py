@@ -82,7 +82,10 @@ class HMG:
     def state_dict(self) -> dict:
         return {"ema": None if self.ema is None else self.ema.clone(), "steps": self.steps,
                 "n_tasks": self.n_tasks, "strategy": self.strategy, "relax": self.relax, "beta": self.beta,
-                "use_ema": self.use_ema, "aux_budget": self.aux_budget}
+                "use_ema": self.use_ema,
+                # as in the config: 0 = off (a checkpoint's state compares and serializes as finite)
+                "aux_budget": self.aux_budget if self.aux_budget != float("inf") else 0.0,
+                "budget_rows": self.budget_rows}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("n_tasks", self.n_tasks) != self.n_tasks:
