@@ -230,6 +230,8 @@ def test_aux_budget_off_and_not_binding_change_nothing():
     (a,), _ = HMG(2, "hmg").combine([[g0], [g1]])
     (b,), st = HMG(2, "hmg", aux_budget=10.0).combine([[g0], [g1]])
     assert torch.equal(a, b) and st["aux"][0]["frac_rescaled"] == 0.0
+    (c,), _ = HMG(2, "hmg", aux_budget=0.0).combine([[g0], [g1]])  # 0 = off, as in the config
+    assert torch.equal(a, c)
     assert math.isclose(st["aux"][0]["applied_ratio"], math.sqrt(2) / 3)
     with pytest.raises(ValueError):
         HMG(2, "hmg", aux_budget=-1.0)

@@ -25,6 +25,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra overrides for every run")
     ap.add_argument("--out", default="runs/hmg_first_step", help="a new folder for the runs (never reused)")
     a = ap.parse_args()
+    out = Path(a.out).resolve()
+    if out.exists() and any(out.iterdir()):
+        print(f"hmg_first_step: {out} is not empty: give a new --out (its runs would be resumed, not rerun)",
+              file=sys.stderr)
+        sys.exit(2)
     print(f"load average {os.getloadavg()}")
     print("| config | aux_budget | task | norm ratio before HMG | applied ratio after | total bound |")
     print("|---|---|---|---|---|---|")
@@ -33,13 +38,13 @@ def main() -> None:
             name = f"{Path(c).stem}_b{b}"
             cmd = [sys.executable, "-m", "mbssl_dist.train", "--config", c, "--set", "train.epochs=1",
                    "--set", "train.max_steps_per_epoch=1", "--set", "train.threads=1", "--set", "run.mlflow=false",
-                   "--set", f"hmg.aux_budget={b}", "--set", f'run.output_dir="{a.out}"', "--set", f'run.name="{name}"']
+                   "--set", f"hmg.aux_budget={b}", "--set", f'run.output_dir="{out}"', "--set", f'run.name="{name}"']
             for s in a.set:
                 cmd += ["--set", s]
             p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if p.returncode:
                 sys.exit(f"{name}: the trainer exited {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
-            rec = next(json.loads(x) for x in (ROOT / a.out / name / "metrics.jsonl").read_text().splitlines()
+            rec = next(json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()
                        if json.loads(x).get("kind") == "epoch")
             tasks = sorted({k.split("/")[1] for k in rec if k.endswith("/norm_ratio_first_step")})
             if not tasks:

@@ -21,8 +21,8 @@ Semantics, checked against the authors' code (``utility/metabalance.py`` class
   code meta_s 13): project on conflict, then always rescale.
 * ``none``: plain sum (equal weights).
 
-Auxiliary budget (beyond the paper; ``aux_budget`` κ, default ∞ = off): after the strategy
-has set each auxiliary task's coefficients, the auxiliary contributions to tensor j (each
+Auxiliary budget (beyond the paper; ``aux_budget`` κ, default 0 = off as in the config): after
+the strategy has set each auxiliary task's coefficients, the auxiliary contributions to tensor j (each
 ``α_tj g_tj + γ_tj g_0j``, i.e. the projected and rescaled gradient) are scaled down together,
 where needed, so that the sum of their norms is at most κ·||g_0j|| (current, not EMA, norms).
 By the triangle inequality the combined auxiliary gradient can then never exceed κ times the
@@ -57,7 +57,7 @@ def _ratio(a: float, b: float) -> float:
 
 class HMG:
     def __init__(self, n_tasks: int, strategy: str = "hmg", relax: float = 0.7, beta: float = 0.9,
-                 use_ema: bool = True, aux_budget: float = float("inf"), budget_rows: bool = False) -> None:
+                 use_ema: bool = True, aux_budget: float = 0.0, budget_rows: bool = False) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not 0.0 <= relax <= 1.0:
@@ -73,7 +73,7 @@ class HMG:
         self.relax = float(relax)
         self.beta = float(beta)
         self.use_ema = bool(use_ema)
-        self.aux_budget = float(aux_budget)
+        self.aux_budget = float(aux_budget)  # 0 = off
         self.budget_rows = bool(budget_rows)
         self.ema: torch.Tensor | None = None  # [n_tasks, n_tensors] float64
         self.steps = 0
@@ -82,10 +82,7 @@ class HMG:
     def state_dict(self) -> dict:
         return {"ema": None if self.ema is None else self.ema.clone(), "steps": self.steps,
                 "n_tasks": self.n_tasks, "strategy": self.strategy, "relax": self.relax, "beta": self.beta,
-                "use_ema": self.use_ema,
-                # as in the config: 0 = off (a checkpoint's state compares and serializes as finite)
-                "aux_budget": self.aux_budget if self.aux_budget != float("inf") else 0.0,
-                "budget_rows": self.budget_rows}
+                "use_ema": self.use_ema, "aux_budget": self.aux_budget, "budget_rows": self.budget_rows}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("n_tasks", self.n_tasks) != self.n_tasks:
@@ -172,7 +169,8 @@ class HMG:
         n0 = n2[0].clamp(min=1e-300)
         aux_n = alpha * torch.where(projected, (n2 - dot.square() / n0).clamp(min=0), n2).sqrt()
         aux_n[0] = 0.0
-        if self.aux_budget != float("inf") and T > 1:
+        budget = self.aux_budget > 0 and T > 1
+        if budget:
             total = aux_n[1:].sum(0)
             cap = self.aux_budget * norms[0]
             # with budget_rows, matrices are capped row by row below; vectors as one row here
@@ -189,7 +187,7 @@ class HMG:
         row_n2 = torch.zeros(T, J, dtype=torch.float64)  # budget_rows: ||aux contribution||² after the row caps
         for j in range(J):
             g0 = grads[0][j]
-            if self.budget_rows and self.aux_budget != float("inf") and T > 1 and g0 is not None and g0.dim() >= 2:
+            if budget and self.budget_rows and g0 is not None and g0.dim() >= 2:
                 # per row (one user / item / relation vector): Adam normalizes per coordinate, so an
                 # auxiliary gradient on rows the target barely touches is a full-size step there
                 g0d = g0.detach()
@@ -224,7 +222,7 @@ class HMG:
                 out = term.clone() if out is None else out.add_(term)
             combined.append(out)
 
-        if self.budget_rows and self.aux_budget != float("inf"):
+        if budget and self.budget_rows:
             rows_j = [j for j in range(J) if bool(row_n2[:, j].any())]
             if rows_j:  # applied norms of the row-capped tensors (summed over ranks where sharded)
                 idx = torch.tensor([j for j in rows_j if sharded[j]], dtype=torch.int64)

@@ -25,7 +25,7 @@ class TrainState:
     def build(cls, params: Sequence[torch.Tensor], n_tasks: int, train: TrainConfig, hmg: HMGConfig) -> "TrainState":
         opt = torch.optim.Adam(params, lr=train.lr, betas=tuple(train.adam_betas))
         return cls(opt, HMG(n_tasks, hmg.strategy, hmg.relax, hmg.beta, hmg.norm_source == "ema",
-                            hmg.aux_budget or float("inf"), hmg.aux_budget_rows), train.seed)
+                            hmg.aux_budget, hmg.aux_budget_rows), train.seed)
 
     def state_dict(self) -> dict:
         # deep copy: the optimizer's state tensors are updated in place by later steps
