@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +71,9 @@ class SwingConfig:
 class ModelConfig:
     dim: int = 64
     """Embedding size d."""
-    n_layers: int = 4
-    """Propagation layers L."""
+    n_layers: int = 2
+    """Propagation layers L (paper and authors' code: 4; 2 is as good and twice as fast at the
+    batch sizes used here: README, "Large batches")."""
     att_dim: int = 16
     """Hidden size of the CDM attention."""
     dropout: float = 0.3
@@ -80,16 +82,20 @@ class ModelConfig:
     """Adjacency normalization: symmetric (authors' code) or row/mean (paper text)."""
     use_cdm: bool = True
     """Cross-behavior dependency module (ablation: false)."""
-    interaction_scoring: bool = False
+    interaction_scoring: bool | Literal["auto"] = "auto"
     """Beyond the paper: add learned per-behavior 'already interacted' weights and an item
-    bias to the score. Off in paper-faithful configs."""
+    bias to the score. ``auto``: on, unless no test pair of the prepared data occurs in an
+    auxiliary behavior (a split built that way, e.g. Retailrocket and IJCAI: there the 'already
+    viewed / carted' terms can only rank the held-out items down; README "The default recipe").
+    The run records what ``auto`` became. Off in paper-faithful configs."""
     init_scale: float = 1.0
     """Multiplier on the xavier-uniform bound of the user and item embeddings (1 = the
     authors' init). On pv-less Beibei 10 shortened the early plateau somewhat, 30 and 100 did
     not learn in 5 epochs; HMG relax = 1 is what removed it (README, "Large batches")."""
-    interaction_per_item: bool = False
+    interaction_per_item: bool = True
     """With interaction_scoring: one more learned weight per (behavior, item) on the 'already
-    interacted' indicator, i.e. per-item conversion from view/cart to buy."""
+    interacted' indicator, i.e. per-item conversion from view/cart to buy. Left unset, it follows
+    ``interaction_scoring`` off."""
 
 
 @dataclass
@@ -97,9 +103,11 @@ class LossConfig:
     neg_weight: list[float] = field(default_factory=lambda: [0.1])
     """c- of the non-sampling loss, one per behavior or a single value for all."""
     lambdas: list[float] = field(default_factory=list)
-    """Weight of each behavior's non-sampling loss (empty = [0, ..., 0, 1] plus equal aux)."""
-    decay: float = 10.0
-    """Weight decay on the batch's propagated embeddings."""
+    """Weight of each behavior's non-sampling loss (empty = 1/K each)."""
+    decay: float = 0.01
+    """Weight decay on the batch's propagated embeddings (and all items'). The authors' Beibei
+    value 10 keeps sparse targets from learning at all (IJCAI: test R@10 .0002 after one epoch
+    with 10, .0093 with 0.01; README "The default recipe")."""
     tau: float = 0.5
     """InfoNCE temperature."""
     fn_users: int = 10
@@ -147,16 +155,17 @@ class HMGConfig:
     always), or none (equal-weight sum)."""
     beta: float = 0.9
     """EMA factor of the gradient norms."""
-    relax: float = 0.7
-    """Relax factor r of the magnitude rescaling."""
+    relax: float = 1.0
+    """Relax factor r of the magnitude rescaling (authors' default 0.7; 1 scales every auxiliary
+    gradient down to the target's norm, which large batches need: README, "Large batches")."""
     norm_source: Literal["ema", "current"] = "ema"
     """Norms used in the rescaling: EMAs (authors' code) or current norms (paper Eq 14)."""
-    aux_budget: float = 0.0
+    aux_budget: float = 0.1
     """Beyond the paper: after the strategy, the auxiliary gradients of each parameter tensor
     are scaled down together so that the sum of their norms is at most this multiple of the
     target gradient's norm (0 = off, the paper). Keeps the SSL tasks from swamping the target
     at the start, when their gradients are 10^2-10^4 x the target's."""
-    aux_budget_rows: bool = False
+    aux_budget_rows: bool = True
     """Apply hmg.aux_budget per row of each matrix (each user's, item's or relation's vector)
     instead of per tensor: Adam normalizes per coordinate, so an auxiliary gradient on rows the
     target does not touch would otherwise still be a full-size step there."""
@@ -166,10 +175,12 @@ class HMGConfig:
 class TrainConfig:
     epochs: int = 20
     """Maximum number of epochs."""
-    batch_size: int = 256
-    """Global user batch size (split across ranks)."""
-    lr: float = 1e-3
-    """Adam learning rate."""
+    batch_size: int = 0
+    """Global user batch size (split across ranks); 0 = auto: about 16 steps per epoch
+    (``auto_batch_size``), so a small dataset still gets several updates per epoch and a large
+    one is not paying a full-graph propagation per 256 users."""
+    lr: float = 1e-2
+    """Adam learning rate (authors' code: 1e-3, at batch 256)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam (β1, β2). (On pv-less Beibei at batch 4096, β2 = 0.99 or 0.9 instead of 0.999 did not
     shorten the early plateau: README, "Large batches".)"""
@@ -283,6 +294,15 @@ def _section_cls(name: str):
 
 def _check_type(where: str, value: Any, tp) -> Any:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for alt in typing.get_args(tp):
+            try:
+                return _check_type(where, value, alt)
+            except ConfigError:
+                pass
+        allowed = " or ".join("true / false" if a is bool else " / ".join(map(repr, typing.get_args(a)))
+                              for a in typing.get_args(tp))
+        raise ConfigError(f"{where} = {value!r}: expected {allowed}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -334,6 +354,8 @@ def from_dict(raw: dict, source: str = "") -> Config:
             if k not in hints:
                 raise ConfigError(f"unknown field {sec}.{k}; valid fields of [{sec}]: {sorted(hints)}")
             setattr(obj, k, _check_type(f"{sec}.{k}", v, hints[k]))
+    if cfg.model.interaction_scoring is False and "interaction_per_item" not in raw.get("model", {}):
+        cfg.model.interaction_per_item = False  # its default refines a term that is now off
     validate(cfg)
     return cfg
 
@@ -379,6 +401,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+AUTO_STEPS_PER_EPOCH = 16
+
+
+def auto_batch_size(batch_size: int, n_users: int) -> int:
+    """``train.batch_size``, or for 0 (auto) ceil(n_users / 16) rounded up to a multiple of 128 and
+    kept within [256, 4096]: Retailrocket's 2,174 users get 256 (9 steps), pv-less Beibei's 21,716 get
+    1,408, pv-less Taobao's 48,749 get 3,072."""
+    if batch_size:
+        return batch_size
+    b = -(-n_users // AUTO_STEPS_PER_EPOCH)
+    return min(4096, max(256, -(-b // 128) * 128))
+
+
 def _positive(where: str, v, strict=True):
     if (v <= 0) if strict else (v < 0):
         raise ConfigError(f"{where} = {v}: must be {'> 0' if strict else '>= 0'}")
@@ -388,12 +423,13 @@ def validate(cfg: Config) -> None:
     """Range and consistency checks that do not need the data."""
     m, lo, h, t, d = cfg.model, cfg.loss, cfg.hmg, cfg.train, cfg.data
     for where, v in [("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.att_dim", m.att_dim),
-                     ("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.lr", t.lr),
+                     ("train.epochs", t.epochs), ("train.lr", t.lr),
                      ("train.eval_every", t.eval_every), ("train.eval_batch_size", t.eval_batch_size),
                      ("loss.tau", lo.tau), ("swing.alpha", cfg.swing.alpha), ("swing.topn", cfg.swing.topn),
                      ("swing.workers", cfg.swing.workers)]:
         _positive(where, v)
-    for where, v in [("loss.decay", lo.decay), ("loss.fn_users", lo.fn_users), ("loss.fn_items", lo.fn_items),
+    for where, v in [("train.batch_size", t.batch_size),
+                     ("loss.decay", lo.decay), ("loss.fn_users", lo.fn_users), ("loss.fn_items", lo.fn_items),
                      ("train.patience", t.patience), ("train.max_steps_per_epoch", t.max_steps_per_epoch),
                      ("loss.intra_weight", lo.intra_weight), ("loss.inter_weight", lo.inter_weight), ("train.threads", t.threads),
                      ("checkpoint.every_epochs", cfg.checkpoint.every_epochs),
@@ -472,6 +508,23 @@ def validate_against_data(cfg: Config, behaviors: list[str]) -> None:
     unknown = [b for b in cfg.swing.weights if b not in behaviors]
     if unknown:
         raise ConfigError(f"swing.weights names unknown behavior(s) {unknown}; the data has {behaviors}")
+
+
+def resolve_against_data(cfg: Config, manifest: dict, behaviors: list[str]) -> list[str]:
+    """Settle the ``auto`` settings that depend on the prepared data (in place, so the run's
+    records and checkpoints hold what ran); returns one log line per decision."""
+    notes = []
+    m = cfg.model
+    if m.interaction_scoring == "auto":
+        n = manifest.get("validation", {}).get("test_pairs_in_aux_behaviors")
+        m.interaction_scoring = not (len(behaviors) > 1 and n == 0)
+        if not m.interaction_scoring:
+            m.interaction_per_item = False
+            notes.append("model.interaction_scoring = 'auto' -> false: no test pair occurs in an auxiliary "
+                         "behavior, so 'already interacted' can only rank held-out items down")
+        else:
+            notes.append(f"model.interaction_scoring = 'auto' -> true ({n} test pairs occur in auxiliary behaviors)")
+    return notes
 
 
 def describe() -> str:

@@ -26,7 +26,8 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
-from .config import Config, ConfigError, check_runtime, describe, load_config, validate_against_data
+from .config import (Config, ConfigError, auto_batch_size, check_runtime, describe, load_config,
+                     resolve_against_data, validate_against_data)
 from .data import load_prepared
 from .data.dataset import PreparedDataset
 from .data.cache import ensure_prepared, prepared_dir_for
@@ -187,6 +188,8 @@ def build_model(cfg: Config, ds, part, comm, device: torch.device, user_fn_all=N
                 dtype: torch.dtype = torch.float32) -> ModelRun:
     """Model (local user rows, replicated items), training step with the gradient all-reduce
     hook, and the local adjacencies/false-negative tables of ``part``."""
+    for note in resolve_against_data(cfg, ds.manifest, list(ds.behaviors)):
+        log.info(note)
     m, K = cfg.model, ds.n_behaviors
     adjs = [part.graph.adjacency(k, m.norm, dtype, device) for k in range(K)]
     csr = [(g.indptr, g.indices) for g in part.graph.graphs]
@@ -370,8 +373,10 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                        "bytes": size})
 
     # 6. epochs; every exit is recorded (FINISHED / FAILED / KILLED) in run.json, final.json and MLflow
-    U, B = ds.n_users, tc.batch_size
+    U, B = ds.n_users, auto_batch_size(tc.batch_size, ds.n_users)
     n_batches = math.ceil(U / B)
+    if not tc.batch_size:
+        log.info("train.batch_size = 0 (auto): %d users per step, %d steps per epoch", B, n_batches)
     if tc.max_steps_per_epoch:
         n_batches = min(n_batches, tc.max_steps_per_epoch)
     progress = cfg.run.progress and comm.is_main

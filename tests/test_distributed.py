@@ -35,7 +35,10 @@ def free_port() -> int:
 def small_config(overrides: list[str]):
     return load_config(None, ["model.dim=8", "model.n_layers=2", "model.att_dim=4", "train.batch_size=40",
                               "loss.fn_users=3", "loss.fn_items=3", "loss.decay=0.1", "loss.lambdas=[0.2, 0.3, 0.5]",
-                              "train.seed=7"] + overrides)
+                              "train.seed=7",
+                              # the paper's model and HMG (the built-in defaults are the general recipe)
+                              "model.interaction_scoring=false", "hmg.relax=0.7", "hmg.aux_budget=0",
+                              "hmg.aux_budget_rows=false", "train.lr=0.001"] + overrides)
 
 
 def fn_table(n: int, k: int, seed: int):

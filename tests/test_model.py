@@ -209,8 +209,12 @@ def test_interaction_scoring_score():
 
 
 # ----------------------------------------------------------------------------- step
+def _paper_hmg() -> HMGConfig:  # the paper's HMG (the built-in defaults add a budget and r = 1)
+    return HMGConfig(relax=0.7, aux_budget=0.0, aux_budget_rows=False)
+
+
 def _step(m, **loss_kw) -> TrainStep:
-    return TrainStep(m, LossConfig(**{"lambdas": [0.2, 0.3, 0.5], **loss_kw}), HMGConfig(), TrainConfig())
+    return TrainStep(m, LossConfig(**{"lambdas": [0.2, 0.3, 0.5], **loss_kw}), _paper_hmg(), TrainConfig(lr=1e-3))
 
 
 def _step_setup(**cfg_kw):
@@ -244,7 +248,7 @@ def test_train_step_matches_manual_hmg_combination():
     m2 = MBSSL(NU, NI, K, dim=4, n_layers=2, att_dim=2, dtype=D)
     m2.load_state_dict(m.state_dict())
     # manual: same losses, per-task grads, HMG, + reg, Adam
-    step2 = TrainStep(m2, step.loss, HMGConfig(), TrainConfig())
+    step2 = TrainStep(m2, step.loss, _paper_hmg(), TrainConfig(lr=1e-3))
     losses = oracle.compute_losses(step2, batch, adjs, views, make_generator(2020, 0, 0, "dropout"))
     params = list(m2.parameters())
     grads = [torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True) for t in step2.tasks]

@@ -1,0 +1,70 @@
+"""The shipped configs and the built-in default recipe."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mbssl_dist.config import ConfigError, auto_batch_size, load_config, resolve_against_data
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+
+# fields where the built-in recipe departs from the paper / the authors' code
+RECIPE_FIELDS = {"model": ["n_layers", "interaction_scoring", "interaction_per_item"], "loss": ["decay"],
+                 "hmg": ["relax", "aux_budget", "aux_budget_rows"], "train": ["batch_size", "lr"]}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_pin_every_recipe_field(path):
+    """A change of the built-in defaults must not change what a shipped config runs."""
+    raw = tomllib.loads(path.read_text())
+    missing = [f"{s}.{f}" for s, fs in RECIPE_FIELDS.items() for f in fs if f not in raw.get(s, {})]
+    assert not missing, f"{path.name} leaves {missing} to the built-in defaults"
+
+
+def test_default_recipe():
+    c = load_config(None)
+    assert (c.model.n_layers, c.model.interaction_per_item) == (2, True)
+    assert (c.hmg.relax, c.hmg.aux_budget, c.hmg.aux_budget_rows) == (1.0, 0.1, True)
+    assert (c.train.batch_size, c.train.lr, c.loss.decay) == (0, 0.01, 0.01)
+    assert c.model.interaction_scoring == "auto"
+
+
+@pytest.mark.parametrize("n_users, want", [(1, 256), (2174, 256), (15449, 1024), (21716, 1408), (48749, 3072),
+                                           (10**6, 4096)])
+def test_auto_batch_size(n_users, want):
+    assert auto_batch_size(0, n_users) == want
+    assert auto_batch_size(300, n_users) == 300  # a set batch size is kept
+
+
+def test_batch_size_must_not_be_negative():
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(None, ["train.batch_size=-1"])
+
+
+def test_interaction_off_takes_the_per_item_default_with_it():
+    c = load_config(None, ["model.interaction_scoring=false"])
+    assert not c.model.interaction_scoring and not c.model.interaction_per_item
+    with pytest.raises(ConfigError, match="interaction_per_item"):  # both set, and contradictory
+        load_config(None, ["model.interaction_scoring=false", "model.interaction_per_item=true"])
+
+
+@pytest.mark.parametrize("in_aux, want", [(0, False), (5, True), (None, True)])
+def test_interaction_auto_follows_how_the_test_pairs_were_built(in_aux, want):
+    c = load_config(None)
+    manifest = {"validation": {} if in_aux is None else {"test_pairs_in_aux_behaviors": in_aux}}
+    assert len(resolve_against_data(c, manifest, ["view", "buy"])) == 1
+    assert c.model.interaction_scoring is want and c.model.interaction_per_item is want
+    assert resolve_against_data(c, manifest, ["view", "buy"]) == []  # settled: the records hold a bool
+    c = load_config(None)
+    resolve_against_data(c, {"validation": {"test_pairs_in_aux_behaviors": 0}}, ["buy"])
+    assert c.model.interaction_scoring is True  # one behavior: nothing to be "in"
+
+
+def test_interaction_scoring_values():
+    assert load_config(None, ['model.interaction_scoring="auto"']).model.interaction_scoring == "auto"
+    assert load_config(None, ["model.interaction_scoring=true"]).model.interaction_scoring is True
+    with pytest.raises(ConfigError, match="model.interaction_scoring.*true / false or 'auto'"):
+        load_config(None, ['model.interaction_scoring="yes"'])
