@@ -173,8 +173,8 @@ class HMGConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    """Maximum number of epochs."""
+    epochs: int = 100
+    """Maximum number of epochs: a cap; runs normally end at the early stop (``patience``)."""
     batch_size: int = 0
     """Global user batch size (split across ranks); 0 = auto: about 16 steps per epoch
     (``auto_batch_size``), so a small dataset still gets several updates per epoch and a large

@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"
 
 # fields where the built-in recipe departs from the paper / the authors' code
 RECIPE_FIELDS = {"model": ["n_layers", "interaction_scoring", "interaction_per_item"], "loss": ["decay"],
-                 "hmg": ["relax", "aux_budget", "aux_budget_rows"], "train": ["batch_size", "lr"]}
+                 "hmg": ["relax", "aux_budget", "aux_budget_rows"], "train": ["batch_size", "lr", "epochs"]}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -28,7 +28,7 @@ def test_default_recipe():
     c = load_config(None)
     assert (c.model.n_layers, c.model.interaction_per_item) == (2, True)
     assert (c.hmg.relax, c.hmg.aux_budget, c.hmg.aux_budget_rows) == (1.0, 0.1, True)
-    assert (c.train.batch_size, c.train.lr, c.loss.decay) == (0, 0.01, 0.01)
+    assert (c.train.batch_size, c.train.lr, c.loss.decay, c.train.epochs) == (0, 0.01, 0.01, 100)
     assert c.model.interaction_scoring == "auto"
 
 
