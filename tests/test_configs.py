@@ -32,8 +32,8 @@ def test_default_recipe():
     assert c.model.interaction_scoring == "auto"
 
 
-@pytest.mark.parametrize("n_users, want", [(1, 256), (2174, 256), (15449, 1024), (21716, 1408), (48749, 3072),
-                                           (10**6, 4096)])
+@pytest.mark.parametrize("n_users, want", [(1, 128), (2174, 128), (15449, 1024), (17435, 1152), (21716, 1408),
+                                           (48749, 3072), (10**6, 4096)])
 def test_auto_batch_size(n_users, want):
     assert auto_batch_size(0, n_users) == want
     assert auto_batch_size(300, n_users) == 300  # a set batch size is kept
