@@ -68,3 +68,17 @@ def test_interaction_scoring_values():
     assert load_config(None, ["model.interaction_scoring=true"]).model.interaction_scoring is True
     with pytest.raises(ConfigError, match="model.interaction_scoring.*true / false or 'auto'"):
         load_config(None, ['model.interaction_scoring="yes"'])
+
+
+def test_a_settled_auto_is_no_config_difference():
+    """A checkpoint records what ``auto`` became; the same command (still ``auto``) resumes it."""
+    from mbssl_dist.train import config_differences
+
+    now = load_config(None).to_dict()
+    on = load_config(None, ["model.interaction_scoring=true"]).to_dict()
+    off = load_config(None, ["model.interaction_scoring=false", "model.interaction_per_item=false"]).to_dict()
+    assert config_differences(on, now) == [] and config_differences(off, now) == []
+    other = load_config(None, ["model.interaction_scoring=true", "model.interaction_per_item=false"]).to_dict()
+    assert config_differences(other, now) == [
+        "model.interaction_per_item (False in the checkpoint, True now)"]
+    assert config_differences(now, on)  # a set value is compared as it is

@@ -93,11 +93,11 @@ def test_non_finite_loss_stops_with_task_epoch_step(tmp_path, capsys):
     ("model.norm=\"mean\"", "expected one of ['sym', 'row']"),
     ("loss.fn_users=900", "exceed swing.topn"),
     ("loss.lambdas=[1.0, 2.0]", "loss.lambdas has 2 values; the data has 3 behaviors"),
-    ("model.interaction_per_item=true", "needs model.interaction_scoring = true"),
+    (["model.interaction_scoring=false", "model.interaction_per_item=true"], "needs model.interaction_scoring = true"),
     ("train.adam_betas=[0.9, 1.0]", "train.adam_betas = [0.9, 1.0]: need two numbers in [0, 1)"),
 ])
 def test_config_errors_name_the_field(tmp_path, capsys, bad, expect):
-    rc, _ = run(tmp_path, "bad", [bad, "train.epochs=1"])
+    rc, _ = run(tmp_path, "bad", (bad if isinstance(bad, list) else [bad]) + ["train.epochs=1"])
     assert rc == 2
     assert expect in capsys.readouterr().err
 
