@@ -299,3 +299,44 @@ def test_valid_aux_mirrors_test_construction(tmp_path):
     os.umask(mask)
     assert (tmp_path / "c").stat().st_mode & 0o777 == 0o777 & ~mask  # an ordinary directory, not mkdtemp's 0700
     assert (tmp_path / "c" / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~mask  # files too (not 0600)
+
+
+def test_mirror_count_rules():
+    from mbssl_dist.data.prepare import mirror_count
+    assert mirror_count(885, 885, 0, 2174) == 885  # test never in aux: strip every validation pair
+    assert mirror_count(21716, 21716, 13525, 21716) == 21716 - 13525  # Beibei: 100 % vs 62 %
+    assert mirror_count(13247, 15449, 13163, 15449) == 0  # Taobao_MBCGCN: .8575 vs .8520, sampling noise
+    assert mirror_count(7559, 48749, 8326, 48749) == 0  # validation less often in aux: nothing to add
+    assert mirror_count(0, 10, 5, 10) == 0 and mirror_count(3, 0, 1, 3) == 0
+    # brute force of the rule: share after stripping equals the test's share, to rounding
+    for v, nv, t, nt in [(900, 1000, 300, 1000), (50, 50, 10, 40), (400, 500, 100, 800)]:
+        k = mirror_count(v, nv, t, nt)
+        assert abs((v - k) / nv - t / nt) <= 0.5 / nv + 1e-12
+
+
+def test_valid_aux_auto_mirrors_a_partial_test_share(tmp_path):
+    # 40 users; every buy is also carted; the test items are in cart for 10 of 40 users
+    d = tmp_path / "in"
+    n = 40
+    cart = "".join(f"{u} {u % 7} {(u % 7) + 7} {(u % 7) + 14}\n" for u in range(n))
+    buy = "".join(f"{u} {u % 7} {(u % 7) + 7}\n" for u in range(n))
+    test = "".join(f"{u} {(u % 7) + 14 if u < 10 else 21 + u % 5}\n" for u in range(n))
+    write(d, "cart", cart)
+    write(d, "buy", buy)
+    write(d, "test", test)
+    ds = prepare_text(d, tmp_path / "a", seed=3)
+    v = ds.manifest["validation"]
+    assert v["aux_interactions_on_valid_pairs"] == "mirrored"
+    assert v["test_pairs_in_an_aux_behavior"] == 10
+    assert v["valid_pairs_stripped_of_aux"] == 30 and v["valid_pairs_in_an_aux_behavior"] == 10
+    cart_pairs = set(zip(*(x.tolist() for x in ds.pairs(0))))
+    valid = list(zip(ds.valid_user.tolist(), ds.valid_item.tolist()))
+    assert sum(p in cart_pairs for p in valid) == 10  # the validation now shows the test's share
+    assert len(cart_pairs) == 3 * n - 30  # exactly the stripped pairs' cart interactions are gone
+    assert ds.manifest["dropped"]["auxiliary_pairs_on_validation_items"] == 30
+    again = prepare_text(d, tmp_path / "b", seed=3)  # seeded: the same subset
+    assert set(zip(*(x.tolist() for x in again.pairs(0)))) == cart_pairs
+    keep = prepare_text(d, tmp_path / "c", seed=3, valid_aux="keep")
+    assert len(set(zip(*(x.tolist() for x in keep.pairs(0))))) == 3 * n
+    drop = prepare_text(d, tmp_path / "e", seed=3, valid_aux="drop")
+    assert len(set(zip(*(x.tolist() for x in drop.pairs(0))))) == 3 * n - 40

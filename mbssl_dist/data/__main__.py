@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--valid", default="one-per-user", choices=["one-per-user", "none"])
     pr.add_argument("--on-test-in-train", default="error", choices=["error", "drop"])
     pr.add_argument("--valid-aux", default="auto", choices=["auto", "keep", "drop"],
-                    help="auxiliary interactions on validation pairs: keep, drop, or auto = drop exactly when no "
-                         "test pair occurs in an auxiliary behavior (mirror how the test split was built)")
+                    help="auxiliary interactions on validation pairs: keep, drop, or auto = mirror how the test "
+                         "split was built (drop all when no test pair occurs in an auxiliary behavior; drop on "
+                         "a seeded subset when validation is far more often in one than the test)")
     pr.add_argument("--overwrite", action="store_true")
     for name, typ, default in [("users", int, 600), ("items", int, 400), ("clusters", int, 8)]:
         pr.add_argument(f"--synthetic-{name}", type=typ, default=default)

@@ -27,8 +27,9 @@ def prepared_dir_for(dc) -> Path:
     if dc.format == "prepared":
         return Path(dc.path)
     key = {"format": dc.format, "behaviors": dc.behaviors, "target": dc.target, "valid": dc.valid,
-           "valid_aux": dc.valid_aux,
-           "split_seed": dc.split_seed}
+           "valid_aux": dc.valid_aux, "split_seed": dc.split_seed,
+           # v2: valid_aux = "auto" mirrors the test's share of pairs in an auxiliary behavior
+           "split_version": 2}
     if dc.format == "synthetic":
         key.update(users=dc.synthetic_users, items=dc.synthetic_items, clusters=dc.synthetic_clusters)
         name = "synthetic"

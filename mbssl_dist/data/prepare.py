@@ -7,6 +7,7 @@ test pairs also in training), then the validation split, then an atomic write.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -23,6 +24,28 @@ from .split import carve_validation, pair_keys
 
 log = logging.getLogger(__name__)
 OnTestInTrain = Literal["error", "drop"]
+
+
+def mirror_count(valid_in_aux: int, n_valid: int, test_in_aux: int, n_test: int) -> int:
+    """How many validation pairs ``valid_aux = "auto"`` strips of their auxiliary interactions.
+
+    A test where no pair occurs in an auxiliary behavior was built that way (Retailrocket,
+    IJCAI): strip them all. Otherwise strip just enough that the validation's share of pairs
+    found in an auxiliary behavior equals the test's, but only when the validation's share
+    is higher by more than 3 standard errors of the difference (a two-proportion z-test):
+    both are samples, and a difference within sampling noise is no evidence the test was
+    built differently, so such data stays exactly as it is.
+    """
+    if n_valid == 0 or n_test == 0 or valid_in_aux == 0:
+        return 0
+    if test_in_aux == 0:
+        return valid_in_aux
+    p_v, p_t = valid_in_aux / n_valid, test_in_aux / n_test
+    pooled = (valid_in_aux + test_in_aux) / (n_valid + n_test)
+    se = math.sqrt(pooled * (1.0 - pooled) * (1.0 / n_valid + 1.0 / n_test))
+    if p_v - p_t <= 3.0 * se:
+        return 0
+    return max(0, valid_in_aux - round(p_t * n_valid))
 
 
 def assemble(behaviors: list[str], users: list[np.ndarray], items: list[np.ndarray],
@@ -79,22 +102,42 @@ def assemble(behaviors: list[str], users: list[np.ndarray], items: list[np.ndarr
         valid_user = valid_item = np.zeros(0, dtype=np.int64)
 
     # The validation pair must look like the test pair. Some splits (Retailrocket) removed
-    # every auxiliary interaction on the test pair; then a validation pair still present in
-    # views/carts would be far easier than the test. ``auto`` mirrors what the test shows.
+    # every auxiliary interaction on the test pair; others (pv-less Beibei) did so on some:
+    # a validation pair still present in carts would be far easier than the test. ``auto``
+    # mirrors what the test shows (see ``mirror_count``).
     aux_keys = [pair_keys(users[k], items[k], n_items) for k in range(K - 1)]
     test_in_aux = int(sum(np.isin(test_keys, a).sum() for a in aux_keys)) if K > 1 else 0
-    drop_aux = valid_aux == "drop" or (valid_aux == "auto" and K > 1 and test_in_aux == 0 and len(valid_user) > 0)
+    vkeys = pair_keys(valid_user, valid_item, n_items)
+    in_any_aux = np.zeros(len(vkeys), dtype=bool)
+    test_any = np.zeros(len(test_keys), dtype=bool)
+    for a in aux_keys:
+        in_any_aux |= np.isin(vkeys, a)
+        test_any |= np.isin(test_keys, a)
+    if valid_aux == "keep" or len(vkeys) == 0:
+        n_strip = 0
+    elif valid_aux == "drop":
+        n_strip = int(in_any_aux.sum())
+    else:
+        n_strip = mirror_count(int(in_any_aux.sum()), len(vkeys), int(test_any.sum()), len(test_keys))
+    strip = np.zeros(len(vkeys), dtype=bool)
+    if n_strip:
+        cand = np.flatnonzero(in_any_aux)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA0C5]))
+        strip[np.sort(rng.choice(cand, size=n_strip, replace=False))] = True
     valid_aux_removed = 0
-    if drop_aux and len(valid_user):
-        vkeys = pair_keys(valid_user, valid_item, n_items)
+    if n_strip:
+        skeys = vkeys[strip]
         for k in range(K - 1):
-            m = np.isin(aux_keys[k], vkeys)
+            m = np.isin(aux_keys[k], skeys)
             valid_aux_removed += int(m.sum())
             users[k], items[k] = users[k][~m], items[k][~m]
-        log.info("removed %d auxiliary interactions on validation pairs (valid_aux=%s; %d test pairs occur in "
-                 "auxiliary behaviors)", valid_aux_removed, valid_aux, test_in_aux)
+        log.info("removed %d auxiliary interactions on %d of %d validation pairs (valid_aux=%s; %d of %d test "
+                 "pairs occur in an auxiliary behavior)", valid_aux_removed, n_strip, len(vkeys), valid_aux,
+                 int(test_any.sum()), len(test_keys))
     if valid_aux_removed:
         dropped["auxiliary_pairs_on_validation_items"] = valid_aux_removed
+    on_valid = ("dropped" if valid_aux == "drop" or (n_strip and n_strip == int(in_any_aux.sum()))
+                else "mirrored" if n_strip else "kept")
 
     train_user = np.concatenate(users)
     train_item = np.concatenate(items)
@@ -106,7 +149,10 @@ def assemble(behaviors: list[str], users: list[np.ndarray], items: list[np.ndarr
     manifest.update({
         "counts_input": counts_input,
         "validation": {"policy": valid, "seed": seed, "valid_aux": valid_aux,
-                       "aux_interactions_on_valid_pairs": "dropped" if drop_aux else "kept",
+                       "aux_interactions_on_valid_pairs": on_valid,
+                       "valid_pairs_stripped_of_aux": int(n_strip),
+                       "valid_pairs_in_an_aux_behavior": int((in_any_aux & ~strip).sum()),
+                       "test_pairs_in_an_aux_behavior": int(test_any.sum()),
                        "test_pairs_in_aux_behaviors": test_in_aux,
                        "rule": "one target item per user with >= 2 training target items "
                                + ("(latest by timestamp)" if target_timestamps is not None else "(seeded random)")},
