@@ -27,6 +27,7 @@ for ``python -m mbssl_dist.report OUT/NAME``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -42,7 +43,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import tracking
-from .config import Config, ConfigError, apply_overrides, from_dict, load_config, read_toml
+from .config import (Config, ConfigError, apply_overrides, from_dict, load_config, read_toml,
+                     resolve_against_data)
 from .utils.io import atomic_write_json
 
 log = logging.getLogger("mbssl_dist.experiments")
@@ -240,11 +242,17 @@ def check_reusable(run_dir: Path, cfg: Config) -> bool:
     """True when ``run_dir`` holds a FINISHED run of this same config (skip it); raises
     ConfigError when it holds a run of a different config (the grid changed under the same
     --out); False otherwise (train or resume it)."""
+    from .data.cache import ensure_prepared
+    from .data.dataset import MANIFEST
     from .train import config_differences
 
     saved = saved_config(run_dir)
     if saved is None:
         return False
+    # the saved config holds what its ``auto`` settings became on the data: settle ours the same way
+    cfg = copy.deepcopy(cfg)
+    manifest = json.loads((ensure_prepared(cfg.data) / MANIFEST).read_text())
+    resolve_against_data(cfg, manifest, list(manifest["behaviors"]))
     diff = config_differences(saved, cfg.to_dict())
     if diff:
         raise ConfigError(f"{run_dir} holds a run of a different config: {'; '.join(diff)} "

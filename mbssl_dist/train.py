@@ -245,20 +245,14 @@ RESUMABLE_CHANGES = ("train.epochs", "train.threads", "train.device", "train.eva
 
 def config_differences(saved: dict, now: dict) -> list[str]:
     """Fields (section.field) whose values differ between a checkpoint's config and this run's,
-    ignoring those listed in ``RESUMABLE_CHANGES`` and what an ``auto`` of ``now`` may have
-    become (the saved config holds the settled value: ``config.resolve_against_data``)."""
+    ignoring those listed in ``RESUMABLE_CHANGES``. Both must be settled against the data
+    (``config.resolve_against_data``): the saved config holds what its ``auto`` fields became."""
     out = []
-    skip = set()
-    sm, nm = saved.get("model", {}), now.get("model", {})
-    if nm.get("interaction_scoring") == "auto" and isinstance(sm.get("interaction_scoring"), bool):
-        skip.add("model.interaction_scoring")
-        if sm["interaction_scoring"] is False:  # auto -> off takes the per-item weights with it
-            skip.add("model.interaction_per_item")
     for sec in sorted(set(saved) | set(now)):
         a, b = saved.get(sec, {}), now.get(sec, {})
         for k in sorted(set(a) | set(b)):
             key = f"{sec}.{k}"
-            if not key.startswith(RESUMABLE_CHANGES) and key not in skip and a.get(k) != b.get(k):
+            if not key.startswith(RESUMABLE_CHANGES) and a.get(k) != b.get(k):
                 out.append(f"{key} ({a.get(k)!r} in the checkpoint, {b.get(k)!r} now)")
     return out
 

@@ -71,14 +71,20 @@ def test_interaction_scoring_values():
 
 
 def test_a_settled_auto_is_no_config_difference():
-    """A checkpoint records what ``auto`` became; the same command (still ``auto``) resumes it."""
+    """A checkpoint records what ``auto`` became; the same command (still ``auto``), settled on the
+    same data, resumes it."""
+    from mbssl_dist.config import resolve_against_data
     from mbssl_dist.train import config_differences
 
-    now = load_config(None).to_dict()
     on = load_config(None, ["model.interaction_scoring=true"]).to_dict()
     off = load_config(None, ["model.interaction_scoring=false", "model.interaction_per_item=false"]).to_dict()
-    assert config_differences(on, now) == [] and config_differences(off, now) == []
+    for in_aux, saved in [(5, on), (0, off)]:
+        now = load_config(None)
+        resolve_against_data(now, {"validation": {"test_pairs_in_aux_behaviors": in_aux}}, ["view", "buy"])
+        assert config_differences(saved, now.to_dict()) == []
     other = load_config(None, ["model.interaction_scoring=true", "model.interaction_per_item=false"]).to_dict()
-    assert config_differences(other, now) == [
+    now = load_config(None)
+    resolve_against_data(now, {"validation": {"test_pairs_in_aux_behaviors": 5}}, ["view", "buy"])
+    assert config_differences(other, now.to_dict()) == [
         "model.interaction_per_item (False in the checkpoint, True now)"]
-    assert config_differences(now, on)  # a set value is compared as it is
+    assert config_differences(on, load_config(None).to_dict())  # an unsettled auto is a difference

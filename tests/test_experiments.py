@@ -319,3 +319,28 @@ def test_processes_runs_each_point_under_torchrun(env):
     assert E.run_grid(exp, [E.Point("a")]) == 0
     f = json.loads((tmp / "exps" / "tr" / "a" / "seed0" / "final.json").read_text())
     assert f["status"] == "FINISHED" and f["world_size"] == 2
+
+
+def test_a_finished_run_of_the_defaults_is_reused(tmp_path):
+    """The defaults point runs with ``interaction_scoring = "auto"``; its run records what that
+    became on the data, and the grid still recognises the finished run as its own."""
+    from mbssl_dist.config import load_config, resolve_against_data
+    from mbssl_dist.data.cache import ensure_prepared
+    from mbssl_dist.data.dataset import MANIFEST
+    from mbssl_dist.tracking import to_toml
+
+    sets = TINY[:3] + [f'data.cache_dir="{tmp_path / "cache"}"']
+    cfg = load_config(None, sets)
+    assert cfg.model.interaction_scoring == "auto"
+    ran = load_config(None, sets)
+    manifest = json.loads((ensure_prepared(ran.data) / MANIFEST).read_text())
+    resolve_against_data(ran, manifest, manifest["behaviors"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(ran.to_dict()))
+    (run / "final.json").write_text(json.dumps({"status": "FINISHED"}))
+    assert E.check_reusable(run, cfg)
+    assert cfg.model.interaction_scoring == "auto"  # the grid's config is not changed by the check
+    (run / "config.toml").write_text(to_toml(load_config(None, sets + ["model.dim=16"]).to_dict()))
+    with pytest.raises(E.ConfigError, match="model.dim"):
+        E.check_reusable(run, cfg)
