@@ -147,3 +147,23 @@ def test_bench_vs_authors_real_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads(out_json.read_text())["summary"]["a"]["rounds"][0]
     assert s["speedup"] > 0 and s["authors_peak_rss_mib"] > 0
+
+
+def test_bench_ssl_floor_records_the_timed_sweeps(tmp_path):
+    """--floor sets each timed SSL step beside the bare GEMM + exp operations of exactly its own
+    InfoNCE sweeps: intra and one inter task per auxiliary behavior, a user and an item side each."""
+    from mbssl_dist.data.prepare import prepare_synthetic
+    from mbssl_dist.data.synthetic import SyntheticSpec
+
+    prepare_synthetic(tmp_path / "syn", SyntheticSpec(n_users=120, n_items=80, n_clusters=4))
+    r = subprocess.run([sys.executable, "tools/bench_ssl.py", "--floor", "--data", str(tmp_path / "syn"),
+                        "--batch-size", "32", "--rounds", "1", "--steps", "1", "--set", "model.dim=8",
+                        "--set", "swing.topn=10", "--set", f'data.cache_dir="{tmp_path / "cache"}"'],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("round 0"))
+    sweeps = json.loads(line.split("sweeps ")[1].split(")")[0])
+    K = 3  # the synthetic default: view, cart, buy
+    assert len(sweeps) == 2 * (1 + (K - 1))
+    assert {c for _, c, _ in sweeps} == {120, 80} and {d for _, _, d in sweeps} == {8}
+    assert float(line.split("SSL / floor ")[1].split(",")[0]) > 0

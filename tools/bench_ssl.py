@@ -14,6 +14,12 @@ anchors and false negatives) plus one ``torch.autograd.grad`` per task into the 
 outputs (what ``TrainStep.task_grads`` does for them). The first step is warm-up. Prints every
 measurement with the load average, the median ratio A / B per dataset (> 1: B is faster) and the
 largest relative difference of the SSL loss values between the checkouts (same inputs).
+
+``--floor`` (one checkout, ``--b``; no ``--a``) instead sets the SSL step beside its floor on this
+CPU: the same step's InfoNCE sweeps, recorded by shape (anchors A x candidates C x d), timed as
+bare float32 operations that any exact implementation must do: one A x C logits GEMM, one exp
+over them, and the two GEMMs of the gradient (E @ zc and Eᵀ @ za). Prints the SSL step, the floor
+and their ratio (1.0 = nothing left but those operations), with the GEMMs' GFLOP/s.
 """
 
 from __future__ import annotations
@@ -38,6 +44,17 @@ def child(args) -> None:
     cfg, ds, part, model, step, adjs, views, batch = build(args.data[0], args.batch_size, args.set, "random", 10, 1)
     m, lo = step.model, step.loss
     K, n_u = m.n_behaviors, m.n_users
+    shapes: list[tuple[int, int, int]] = []
+    timing = [False]  # record the sweeps of the timed SSL calls only (not those inside step.forward)
+    if args.floor:
+        from mbssl_dist.training import losses as L
+
+        for cls in (L._LogDenSum, L._ExpSum):
+            def rec(*a, _orig=cls.apply):
+                if timing[0]:
+                    shapes.append((a[0].shape[0], a[1].shape[0], a[0].shape[1]))
+                return _orig(*a)
+            cls.apply = rec
     times, losses = [], []
     for s in range(1 + args.steps):
         b = batch(s)
@@ -45,6 +62,7 @@ def child(args) -> None:
         users, items, vs = fw.users, fw.items, fw.view_out
         leaves = [users, items] + list(vs)
         t0 = time.perf_counter()
+        timing[0] = s == 1
         tasks = []
         if lo.use_intra:
             v1, v2 = vs
@@ -57,16 +75,48 @@ def child(args) -> None:
         for i, t in enumerate(tasks):
             torch.autograd.grad(t, leaves, retain_graph=i < len(tasks) - 1, allow_unused=True)
         dt = time.perf_counter() - t0
+        timing[0] = False
         if s >= 1:
             times.append(dt)
             losses.append([float(t) for t in tasks])
-    print(json.dumps({"ssl_step_s": statistics.mean(times), "min_s": min(times), "losses": losses,
-                      "threads": torch.get_num_threads()}))
+    out = {"ssl_step_s": statistics.mean(times), "min_s": min(times), "losses": losses,
+           "threads": torch.get_num_threads()}
+    if args.floor:
+        out.update(floor(shapes))
+    print(json.dumps(out))
+
+
+def floor(shapes: list[tuple[int, int, int]]) -> dict:
+    """Seconds of the bare float32 operations of the recorded InfoNCE sweeps (best of 3 each)."""
+    import torch
+
+    def best(f) -> float:
+        f()
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    total = gemm = flops = 0.0
+    for A, C, d in shapes:
+        za, zc = torch.randn(A, d), torch.randn(C, d)
+        E = torch.empty(A, C)
+        t_fwd = best(lambda: torch.mm(za, zc.T, out=E))
+        t_exp = best(lambda: torch.mm(za, zc.T, out=E).mul_(1e-3).exp_()) - t_fwd
+        ga, gc = torch.empty(A, d), torch.empty(C, d)
+        t_bwd = best(lambda: (torch.mm(E, zc, out=ga), torch.mm(E.T, za, out=gc)))
+        total += t_fwd + t_exp + t_bwd
+        gemm += t_fwd + t_bwd
+        flops += 3 * 2.0 * A * C * d
+    return {"floor_s": total, "gemm_gflops": flops / max(gemm, 1e-12) / 1e9,
+            "sweeps": [list(x) for x in shapes]}
 
 
 def run_child(tree: str, data: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--tree", tree, "--data", data,
-           "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps)] + (["--floor"] if args.floor else [])
     for s in args.set:
         cmd += ["--set", s]
     env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -85,14 +135,17 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per child (after one warm-up)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    ap.add_argument("--floor", action="store_true", help="one checkout (--b): the SSL step beside its float32 floor")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tree", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(args)
         return 0
+    if args.floor:
+        return floor_main(args)
     if not args.a:
-        ap.error("--a is required")
+        ap.error("--a is required (or --floor)")
     trees = {"A": str(Path(args.a).resolve()), "B": str(Path(args.b).resolve())}
     data = [str(Path(d).resolve()) for d in args.data]
     print(f"A = {trees['A']}\nB = {trees['B']}\nbatch {args.batch_size}, sets {args.set}, 1 thread, "
@@ -115,6 +168,19 @@ def main(argv=None) -> int:
         print(f"{Path(d).name}: A {statistics.median(a):.3f} s, B {statistics.median(b):.3f} s, "
               f"A/B per round {' '.join(f'{x:.2f}' for x in ratios)}, median {statistics.median(ratios):.2f}x; "
               f"max rel. loss difference {rel:.2e}")
+    print(f"load average: {os.getloadavg()}")
+    return 0
+
+
+def floor_main(args) -> int:
+    tree = str(Path(args.b).resolve())
+    print(f"tree {tree}, batch {args.batch_size}, sets {args.set}, 1 thread, {args.steps} timed steps per child")
+    for r in range(args.rounds):
+        for d in args.data:
+            out = run_child(tree, str(Path(d).resolve()), args)
+            print(f"round {r} {Path(d).name:16s}: SSL {out['ssl_step_s']:.3f} s/step, floor {out['floor_s']:.3f} s "
+                  f"({len(out['sweeps'])} sweeps {out['sweeps']}), SSL / floor {out['ssl_step_s'] / out['floor_s']:.2f}, "
+                  f"GEMMs {out['gemm_gflops']:.1f} GFLOP/s, load {os.getloadavg()[0]:.2f}", flush=True)
     print(f"load average: {os.getloadavg()}")
     return 0
 
