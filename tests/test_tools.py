@@ -167,3 +167,38 @@ def test_bench_ssl_floor_records_the_timed_sweeps(tmp_path):
     assert len(sweeps) == 2 * (1 + (K - 1))
     assert {c for _, c, _ in sweeps} == {120, 80} and {d for _, _, d in sweeps} == {8}
     assert float(line.split("SSL / floor ")[1].split(",")[0]) > 0
+
+
+def test_hits_by_aux_against_the_evaluator(tmp_path):
+    """Given aux-popularity's own top-K as the 'model', both columns agree in every group, nothing is
+    'only' one side's, and the overall figure is the evaluator's aux-popularity Recall@K."""
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import hits_by_aux as H
+    from mbssl_dist.baselines import run_baselines
+    from mbssl_dist.data import load_prepared
+    from mbssl_dist.data.prepare import prepare_synthetic
+    from mbssl_dist.data.synthetic import SyntheticSpec
+
+    prepare_synthetic(tmp_path / "syn", SyntheticSpec(n_users=150, n_items=90, n_clusters=4))
+    ds = load_prepared(tmp_path / "syn")
+    bu, bi = ds.pairs(ds.n_behaviors - 1)
+    known = sp.csr_matrix((np.ones(len(bu) + len(ds.valid_user)), (np.r_[bu, ds.valid_user], np.r_[bi, ds.valid_item])),
+                          shape=(ds.n_users, ds.n_items))
+    users = np.unique(ds.test_user).astype(np.int64)
+    top = H.aux_pop_topk(ds, known, users, 5)
+    pd.DataFrame({"user": np.repeat(users, 5), "rank": np.tile(np.arange(1, 6), len(users)),
+                  "item": top.ravel(), "score": np.zeros(top.size)}).to_parquet(tmp_path / "recs.parquet")
+    r = subprocess.run([sys.executable, "tools/hits_by_aux.py", "--data", str(tmp_path / "syn"), "--recs",
+                        str(tmp_path / "recs.parquet"), "--k", "5"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {x.split("|")[1].strip(): [float(v) for v in x.split("|")[2:8]] for x in r.stdout.splitlines()
+            if x.startswith("| ") and not x.startswith("| test pairs")}
+    for share, model, pop, both, only_m, only_p in rows.values():
+        assert model == pop == both and only_m == only_p == 0.0
+    want = run_baselines(ds, ["aux_popularity"], ks=(5,))["aux_popularity"]["test"]["recall@5"]
+    assert rows["all"][1] == pytest.approx(want, abs=1e-4)
+    assert rows["in an auxiliary behavior"][1] + rows["in no auxiliary behavior"][1] == pytest.approx(rows["all"][1], abs=2e-4)
