@@ -202,3 +202,16 @@ def test_hits_by_aux_against_the_evaluator(tmp_path):
     want = run_baselines(ds, ["aux_popularity"], ks=(5,))["aux_popularity"]["test"]["recall@5"]
     assert rows["all"][1] == pytest.approx(want, abs=1e-4)
     assert rows["in an auxiliary behavior"][1] + rows["in no auxiliary behavior"][1] == pytest.approx(rows["all"][1], abs=2e-4)
+
+
+def test_hmg_first_step_runs_and_refuses_a_used_out(tmp_path):
+    out = tmp_path / "hmg"
+    cmd = [sys.executable, "tools/hmg_first_step.py", "--configs", "configs/synthetic.toml", "--budget", "0", "0.1",
+           "--out", str(out), "--set", f'data.cache_dir="{tmp_path / "cache"}"']
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [x.split("|") for x in r.stdout.splitlines() if x.startswith("| synthetic")]
+    assert {x[2].strip() for x in rows} == {"0", "0.1"} and {x[3].strip() for x in rows} >= {"intra"}
+    assert all(float(x[4]) > 0 for x in rows)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "is not empty" in r.stderr

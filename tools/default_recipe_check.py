@@ -13,14 +13,12 @@ early stop; the row marked * is the epoch selected on validation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from trainer_runs import ROOT, fresh_out, train
 SHARED = ROOT.parent / "shared" / "data"
 # only what says where the data is and what it holds (pv-less splits need the declared sizes)
 DATASETS = {
@@ -52,11 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help="extra overrides for every run")
     ap.add_argument("--out", required=True, help="a new (or empty) folder for the runs")
     a = ap.parse_args(argv)
-    out = Path(a.out).resolve()
-    if out.exists() and any(out.iterdir()):
-        print(f"default_recipe_check: {out} is not empty: give a new --out (its runs would be resumed)",
-              file=sys.stderr)
-        return 2
+    out = fresh_out(a.out, "default_recipe_check")
     print(f"load average {os.getloadavg()}; built-in defaults + data.* only, 1 thread, epochs {a.epochs}")
     print("| dataset | seed | epoch | test R@10 | test NDCG@10 | popularity R@10 / NDCG@10 | R@10 / popularity |")
     print("|---|---|---|---|---|---|---|")
@@ -66,19 +60,7 @@ def main(argv=None) -> int:
         pop = None
         for seed in a.seeds:
             run = f"{name}_s{seed}"
-            cmd = [sys.executable, "-m", "mbssl_dist.train"]
-            for s in data_sets + [f"train.epochs={a.epochs}", f"train.seed={seed}", "train.threads=1",
-                                  "run.mlflow=false", "run.progress=false", f'run.output_dir="{out}"',
-                                  f'run.name="{run}"'] + a.set:
-                cmd += ["--set", s]
-            p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
-            if p.returncode:
-                print(f"default_recipe_check: {run}: the trainer exited {p.returncode}: "
-                      f"{p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-                return p.returncode
-            recs = [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]
-            final = json.loads((out / run / "final.json").read_text())
+            recs, final = train(out, run, data_sets + [f"train.epochs={a.epochs}", f"train.seed={seed}"] + a.set)
             pop = pop or popularity(ROOT / final["dataset"])  # the trainer's cache path (relative to ROOT)
             best = final.get("best_epoch")
             for r in (r for r in recs if r.get("kind") == "test"):

@@ -8,13 +8,10 @@ target at the start. One optimizer step per run (``train.max_steps_per_epoch=1``
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from trainer_runs import ROOT, fresh_out, train
 DEFAULT = ["taobao_mbcgcn", "retailrocket", "beibei_large_batch", "taobao", "ijcai"]
 
 
@@ -25,27 +22,16 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra overrides for every run")
     ap.add_argument("--out", default="runs/hmg_first_step", help="a new folder for the runs (never reused)")
     a = ap.parse_args()
-    out = Path(a.out).resolve()
-    if out.exists() and any(out.iterdir()):
-        print(f"hmg_first_step: {out} is not empty: give a new --out (its runs would be resumed, not rerun)",
-              file=sys.stderr)
-        sys.exit(2)
+    out = fresh_out(a.out, "hmg_first_step")
     print(f"load average {os.getloadavg()}")
     print("| config | aux_budget | task | norm ratio before HMG | applied ratio after | total bound |")
     print("|---|---|---|---|---|---|")
     for c in a.configs:
         for b in a.budget:
             name = f"{Path(c).stem}_b{b}"
-            cmd = [sys.executable, "-m", "mbssl_dist.train", "--config", c, "--set", "train.epochs=1",
-                   "--set", "train.max_steps_per_epoch=1", "--set", "train.threads=1", "--set", "run.mlflow=false",
-                   "--set", f"hmg.aux_budget={b}", "--set", f'run.output_dir="{out}"', "--set", f'run.name="{name}"']
-            for s in a.set:
-                cmd += ["--set", s]
-            p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if p.returncode:
-                sys.exit(f"{name}: the trainer exited {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
-            rec = next(json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()
-                       if json.loads(x).get("kind") == "epoch")
+            recs, _ = train(out, name, ["train.epochs=1", "train.max_steps_per_epoch=1", f"hmg.aux_budget={b}"]
+                            + a.set, config=c)
+            rec = next(r for r in recs if r.get("kind") == "epoch")
             tasks = sorted({k.split("/")[1] for k in rec if k.endswith("/norm_ratio_first_step")})
             if not tasks:
                 print(f"| {Path(c).stem} | {b:g} | (no auxiliary task in this config) | | | |", flush=True)
