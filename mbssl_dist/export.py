@@ -179,6 +179,7 @@ def load_model(model_dir: str | os.PathLike | ModelArtifact, part=None, device: 
     model = MBSSL(len(users), int(meta["n_items"]), len(meta["behaviors"]), dim=m.dim, n_layers=m.n_layers,
                   att_dim=m.att_dim, dropout=m.dropout, use_cdm=m.use_cdm,
                   interaction_scoring=m.interaction_scoring, interaction_per_item=m.interaction_per_item,
+                  item_bias="item_bias" in art.state,  # the weights say (a model saved before model.item_bias has none)
                   init_scale=m.init_scale, n_users_global=U, user_ids=torch.from_numpy(users))
     state = dict(art.state)
     state["user_embedding"] = state["user_embedding"][torch.from_numpy(users)]

@@ -201,7 +201,7 @@ def build_model(cfg: Config, ds, part, comm, device: torch.device, user_fn_all=N
                  torch.from_numpy(np.asarray(item_fn[1], dtype=np.int64))) if item_fn is not None else None
     model = MBSSL(part.n_local, ds.n_items, K, dim=m.dim, n_layers=m.n_layers, att_dim=m.att_dim,
                   dropout=m.dropout, use_cdm=m.use_cdm, interaction_scoring=m.interaction_scoring,
-                  interaction_per_item=m.interaction_per_item, init_scale=m.init_scale,
+                  interaction_per_item=m.interaction_per_item, item_bias=m.item_bias, init_scale=m.init_scale,
                   n_users_global=ds.n_users, user_ids=torch.from_numpy(part.users),
                   init_generator=make_generator(cfg.train.seed, 0, 0, "init")).to(device)
     step = TrainStep(model, cfg.loss, cfg.hmg, cfg.train, comm, aux_names=list(ds.behaviors)[:-1])

@@ -12,7 +12,7 @@ from mbssl_dist.config import ConfigError, auto_batch_size, load_config, resolve
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 
 # fields where the built-in recipe departs from the paper / the authors' code
-RECIPE_FIELDS = {"model": ["n_layers", "interaction_scoring", "interaction_per_item"], "loss": ["decay"],
+RECIPE_FIELDS = {"model": ["n_layers", "interaction_scoring", "interaction_per_item", "item_bias"], "loss": ["decay"],
                  "hmg": ["relax", "aux_budget", "aux_budget_rows"], "train": ["batch_size", "lr", "epochs"]}
 
 
@@ -26,7 +26,7 @@ def test_shipped_configs_pin_every_recipe_field(path):
 
 def test_default_recipe():
     c = load_config(None)
-    assert (c.model.n_layers, c.model.interaction_per_item) == (2, True)
+    assert (c.model.n_layers, c.model.interaction_per_item, c.model.item_bias) == (2, True, True)
     assert (c.hmg.relax, c.hmg.aux_budget, c.hmg.aux_budget_rows) == (1.0, 0.1, True)
     assert (c.train.batch_size, c.train.lr, c.loss.decay, c.train.epochs) == (0, 0.01, 0.01, 100)
     assert c.model.interaction_scoring == "auto"

@@ -37,7 +37,7 @@ def small_config(overrides: list[str]):
                               "loss.fn_users=3", "loss.fn_items=3", "loss.decay=0.1", "loss.lambdas=[0.2, 0.3, 0.5]",
                               "train.seed=7",
                               # the paper's model and HMG (the built-in defaults are the general recipe)
-                              "model.interaction_scoring=false", "hmg.relax=0.7", "hmg.aux_budget=0",
+                              "model.interaction_scoring=false", "model.item_bias=false", "hmg.relax=0.7", "hmg.aux_budget=0",
                               "hmg.aux_budget_rows=false", "train.lr=0.001"] + overrides)
 
 

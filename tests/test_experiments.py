@@ -24,7 +24,7 @@ TINY = ["data.synthetic_users=120", "data.synthetic_items=80", "data.synthetic_c
         "swing.workers=1", "loss.fn_users=3", "loss.fn_items=3", "run.progress=false", "train.patience=0",
         "train.eval_batch_size=256",
         # the paper's model and HMG (the built-in recipe's score term makes the tiny grid's points tie)
-        "model.interaction_scoring=false", "hmg.relax=0.7", "hmg.aux_budget=0", "hmg.aux_budget_rows=false",
+        "model.interaction_scoring=false", "model.item_bias=false", "hmg.relax=0.7", "hmg.aux_budget=0", "hmg.aux_budget_rows=false",
         "loss.decay=10.0"]
 
 

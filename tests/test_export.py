@@ -63,8 +63,9 @@ def dense_scores(model_dir: Path) -> tuple[np.ndarray, object]:
     with torch.no_grad():
         prop = model(adjs, LocalComm())
         s = prop.users[:, -1] @ (prop.items[:, -1] * prop.relations[-1]).T
-        if model.interaction_scoring:
+        if model.use_item_bias:
             s = s + model.item_bias[None, :]
+        if model.interaction_scoring:
             for k in range(ds.n_behaviors - 1):
                 x = torch.from_numpy(ds.behavior_csr(k).toarray())
                 w = model.behavior_weight[k] + (model.behavior_item_weight[k] if model.interaction_per_item else 0.0)
@@ -157,6 +158,26 @@ def test_recommend_equals_brute_force_and_excludes_known_purchases(isr, tmp_path
     vu, vi = ds.valid_user.tolist(), ds.valid_item.tolist()
     assert any(i in [x for _, x, _ in recs_all[u]] for u, i in zip(vu, vi))
     assert not any(i in [x for _, x, _ in recs[u]] for u, i in zip(vu, vi))
+
+
+def test_item_bias_alone_is_saved_loaded_and_recommended(tmp_path):
+    """The recipe's item bias without the interaction term (what ``auto`` gives on a split whose
+    test items were never in an auxiliary behavior): trained, saved, and scored by recommend as
+    <e_u, e_i * r> + b_i, the same lists as the evaluator's Recall@10."""
+    rc, out = run(tmp_path, "bias", ["train.epochs=2", "train.patience=0", "model.interaction_scoring=false",
+                                     "loss.use_inter=false"])
+    assert rc == 0
+    model = load_model(out / "model")
+    assert model.use_item_bias and not model.interaction_scoring and model.item_bias.abs().sum() > 0
+    s, ds = dense_scores(out / "model")
+    f = tmp_path / "r.parquet"
+    assert recommend_main(["--run", str(out), "--k", "5", "--out", str(f)]) == 0
+    recs = read_recs(f)
+    assert_same_lists(recs, brute_topk(s, 5, seen_pairs(ds)))
+    assert recommend_main(["--run", str(out), "--k", "10", "--out", str(tmp_path / "r10.parquet")]) == 0
+    r10 = read_recs(tmp_path / "r10.parquet")
+    hits = [int(i in {x for _, x, _ in r10[u]}) for u, i in zip(ds.test_user.tolist(), ds.test_item.tolist())]
+    assert sum(hits) / len(hits) == json.loads((out / "final.json").read_text())["test"]["recall@10"]
 
 
 def test_recall_at_10_from_the_lists_equals_final_json(isr, tmp_path):

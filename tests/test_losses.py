@@ -68,6 +68,21 @@ def test_nonsampling_interaction_term_equals_naive():
     assert torch.allclose(rec, naive - const, atol=1e-9)
 
 
+def test_nonsampling_item_bias_alone_equals_naive():
+    g = torch.Generator().manual_seed(5)
+    B, n_items, K, d = 4, 7, 2, 3
+    users = torch.randn(B, K, d, generator=g, dtype=D)
+    items = torch.randn(n_items, K, d, generator=g, dtype=D)
+    rel = torch.randn(K, d, generator=g, dtype=D)
+    pos = _pos(B, n_items, K, g, 0.4)
+    bias = torch.randn(n_items, generator=g, dtype=D)
+    w, c = [0.5, 0.5], 0.2
+    rec, _, _ = NonSamplingLoss(w, c, decay=0.0)(users, items, rel, pos, interaction=InteractionTerms(bias))
+    const = sum(w[k] * pos[k][0].numel() for k in range(K))
+    naive = naive_nonsampling(users, items, rel, pos, w, c, extra_scores=bias.expand(B, n_items))
+    assert torch.allclose(rec, naive - const, atol=1e-9)
+
+
 def test_nonsampling_gradcheck():
     g = torch.Generator().manual_seed(3)
     B, n_items, K, d = 3, 4, 2, 3

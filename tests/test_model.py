@@ -308,18 +308,21 @@ def test_make_generator_streams():
 
 @pytest.mark.parametrize("view_mode,use_cdm,interaction,n_layers", [
     ("target", True, False, 2), ("target", True, True, 3), ("target", False, False, 2), ("full", True, False, 2),
-    ("full", False, True, 1), ("target", True, False, 1), ("target", True, "per_item", 2)])
+    ("full", False, True, 1), ("target", True, False, 1), ("target", True, "per_item", 2), ("target", True, "bias", 2)])
 def test_fast_batched_backward_matches_autograd_per_task(view_mode, use_cdm, interaction, n_layers):
     """The production step (one batched reverse pass for all tasks) gives the same per-task
     gradients as one autograd pass per task, including None for unused parameters."""
     gs = _graphs(7)
     m = MBSSL(NU, NI, K, dim=4, n_layers=n_layers, att_dim=2, dtype=D, use_cdm=use_cdm,
-              interaction_scoring=bool(interaction), interaction_per_item=interaction == "per_item")
-    interaction = bool(interaction)
+              interaction_scoring=interaction in (True, "per_item"), interaction_per_item=interaction == "per_item",
+              item_bias=interaction == "bias")
+    interaction = m.interaction_scoring
+    if m.use_item_bias:
+        with torch.no_grad():
+            m.item_bias.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(0))
     if interaction:
         with torch.no_grad():
             m.behavior_weight.copy_(torch.tensor([0.3, -0.2, 0.1], dtype=D))
-            m.item_bias.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(0))
             if m.interaction_per_item:
                 m.behavior_item_weight.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(1))
     step = _step(m, neg_weight=[0.1], decay=0.01, tau=0.5, view_propagation=view_mode)
@@ -428,3 +431,21 @@ def test_sparse_backend_selects_the_kernel(backend):
             op.mm(x.to("meta"))
     with pytest.raises(ValueError):
         set_sparse_backend("cusparse")
+
+
+def test_item_bias_without_the_interaction_term():
+    """``item_bias`` alone: one learned b_i added to every user's score of item i, no indicator
+    weights; ``interaction_scoring`` brings its own."""
+    gs = _graphs(3)
+    m = MBSSL(NU, NI, K, dim=4, n_layers=1, att_dim=2, dtype=D, item_bias=True)
+    assert m.behavior_weight is None and m.behavior_item_weight is None and m.item_bias is not None
+    assert not m.item_bias.any()  # starts at zero: the initial scores are the GNN's
+    with torch.no_grad():
+        m.item_bias.copy_(torch.arange(NI, dtype=D))
+    m.eval()
+    prop = m(_adjs(gs))
+    users = torch.tensor([0, 3])
+    plain = prop.users[users, -1] @ (prop.items[:, -1] * prop.relations[-1]).T
+    assert torch.allclose(m.score(prop, users), plain + torch.arange(NI, dtype=D))
+    assert MBSSL(NU, NI, K, dim=4, n_layers=1, att_dim=2, interaction_scoring=True).use_item_bias
+    assert MBSSL(NU, NI, K, dim=4, n_layers=1, att_dim=2).item_bias is None

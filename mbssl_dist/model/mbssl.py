@@ -63,6 +63,9 @@ class MBSSL(nn.Module):
             :meth:`interaction_term`); ``interaction_include_target`` lets the target
             behavior's own indicator in (off by default: on training positives it is a
             label leak and on evaluation candidates it is always 0).
+        item_bias: a learned per-item bias ``b_i`` in the score without the indicator terms
+            (``interaction_scoring`` always includes it): the popularity a model can learn in its
+            first steps.
         interaction_per_item: with interaction scoring, the weight of behavior k's indicator
             is ``w_k + v_{k,i}``: a learned per-item conversion (an item that is often bought
             once carted gets a large ``v_{cart,i}``); K x n_items more replicated parameters.
@@ -79,7 +82,7 @@ class MBSSL(nn.Module):
     def __init__(self, n_users: int, n_items: int, n_behaviors: int, dim: int = 64, n_layers: int = 4,
                  att_dim: int = 16, dropout: float = 0.3, use_cdm: bool = True,
                  interaction_scoring: bool = False, interaction_include_target: bool = False,
-                 interaction_per_item: bool = False, n_users_global: int | None = None, user_ids: torch.Tensor | None = None,
+                 interaction_per_item: bool = False, item_bias: bool = False, n_users_global: int | None = None, user_ids: torch.Tensor | None = None,
                  init_generator: torch.Generator | None = None, init_scale: float = 1.0,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -92,6 +95,7 @@ class MBSSL(nn.Module):
         self.dropout, self.use_cdm, self.interaction_scoring = float(dropout), bool(use_cdm), bool(interaction_scoring)
         self.interaction_include_target = bool(interaction_include_target)
         self.interaction_per_item = bool(interaction_per_item) and self.interaction_scoring
+        self.use_item_bias = bool(item_bias) or self.interaction_scoring
         self.n_users_global = int(n_users_global if n_users_global is not None else n_users)
         if not init_scale > 0:
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
@@ -114,7 +118,7 @@ class MBSSL(nn.Module):
         self.W_rel = nn.ParameterList([nn.Parameter(torch.empty(d, d, dtype=dtype)) for _ in range(L)])
         optional = [("att_w1", (K, d, self.att_dim), self.use_cdm), ("att_w2", (K, self.att_dim), self.use_cdm),
                     ("behavior_weight", (K,), self.interaction_scoring),
-                    ("item_bias", (self.n_items,), self.interaction_scoring),
+                    ("item_bias", (self.n_items,), self.use_item_bias),
                     ("behavior_item_weight", (K, self.n_items), self.interaction_per_item)]
         for name, shape, on in optional:  # absent ones stay None (ablations, plain scoring)
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype)) if on else None)
@@ -148,6 +152,7 @@ class MBSSL(nn.Module):
             self.att_w2.copy_(uni((K, a), _xavier_bound(a * 1, K * 1)))
         if self.interaction_scoring:
             self.behavior_weight.zero_()
+        if self.use_item_bias:
             self.item_bias.zero_()
         if self.interaction_per_item:
             self.behavior_item_weight.zero_()
@@ -234,9 +239,10 @@ class MBSSL(nn.Module):
         eu = prop.users[users, -1]
         ei = prop.items[:, -1] if items is None else prop.items[items, -1]
         s = eu @ (ei * prop.relations[-1]).T
-        if self.interaction_scoring:
+        if self.use_item_bias:
             b = self.item_bias if items is None else self.item_bias[items]
             s = s + b.unsqueeze(0)
+        if self.interaction_scoring:
             if user_items is not None:
                 w = self.behavior_weight
                 for k, X in enumerate(user_items):

@@ -170,6 +170,8 @@ class TrainStep:
             s_supp = None if batch.supp_indicators is None else m.interaction_term(batch.supp_indicators,
                                                                                    batch.supp_items)
             inter_terms = InteractionTerms(m.item_bias, s_pos, batch.supp_rows, batch.supp_items, s_supp)
+        elif m.use_item_bias:
+            inter_terms = InteractionTerms(m.item_bias)
         rec, reg, _ = self.rec_loss(users[batch.users], items, relations, batch.pos, comm, inter_terms)
         losses = {"rec": rec}
         self._tick("loss/rec")
