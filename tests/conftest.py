@@ -6,6 +6,7 @@ plain ``pytest`` run never hides them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -15,6 +16,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MBSSL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_handler_outlives_its_test():
+    """A command called in-process configures the root logger as for its own process
+    (``logging.basicConfig(force=True)`` in the trainer: a stderr handler bound to the stream of
+    that moment, pytest's capture). Left behind, that handler writes the next tests' records to
+    a closed capture stream ("--- Logging error ---" in their stderr). Remove what the test
+    added (pytest's own capture handlers are managed by pytest) and restore the level."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in before and type(h) is logging.StreamHandler:
+            root.removeHandler(h)
+    root.setLevel(level)
 
 
 def require_data(path: Path = SHARED_DATA) -> Path:
