@@ -106,13 +106,13 @@ def assemble(behaviors: list[str], users: list[np.ndarray], items: list[np.ndarr
     # a validation pair still present in carts would be far easier than the test. ``auto``
     # mirrors what the test shows (see ``mirror_count``).
     aux_keys = [pair_keys(users[k], items[k], n_items) for k in range(K - 1)]
-    test_in_aux = int(sum(np.isin(test_keys, a).sum() for a in aux_keys)) if K > 1 else 0
+    test_hits = [np.isin(test_keys, a) for a in aux_keys]
+    test_in_aux = sum(int(h.sum()) for h in test_hits)  # counted once per behavior
+    test_any = np.logical_or.reduce(test_hits) if test_hits else np.zeros(len(test_keys), dtype=bool)
     vkeys = pair_keys(valid_user, valid_item, n_items)
     in_any_aux = np.zeros(len(vkeys), dtype=bool)
-    test_any = np.zeros(len(test_keys), dtype=bool)
     for a in aux_keys:
         in_any_aux |= np.isin(vkeys, a)
-        test_any |= np.isin(test_keys, a)
     if valid_aux == "keep" or len(vkeys) == 0:
         n_strip = 0
     elif valid_aux == "drop":
