@@ -191,6 +191,13 @@ class TrainConfig:
     one is not paying a full-graph propagation per 256 users."""
     lr: float = 1e-2
     """Adam learning rate (authors' code: 1e-3, at batch 256)."""
+    lr_decay: float = 1.0
+    """Multiply the learning rate by this after ``lr_patience`` evaluations in a row without a
+    validation improvement on ``select_metric`` (torch's ``ReduceLROnPlateau``; 1 = a constant
+    rate, as in the paper). Beyond the paper. The early stop (``patience``) counts the same
+    evaluations and is not reset by a decay."""
+    lr_patience: int = 2
+    """Evaluations without a validation improvement before each ``lr_decay``."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam (β1, β2). (On pv-less Beibei at batch 4096, β2 = 0.99 or 0.9 instead of 0.999 did not
     shorten the early plateau: README, "Large batches".)"""
@@ -447,6 +454,9 @@ def validate(cfg: Config) -> None:
                      ("data.n_users", d.n_users), ("data.n_items", d.n_items)]:
         _positive(where, v, strict=False)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _positive("train.lr_patience", t.lr_patience)
+    if not 0 < t.lr_decay <= 1:
+        raise ConfigError(f"train.lr_decay = {t.lr_decay}: must be in (0, 1] (1 = a constant learning rate)")
     if not h.aux_budget >= 0:
         raise ConfigError(f"hmg.aux_budget = {h.aux_budget}: must be >= 0 (0 = off)")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):

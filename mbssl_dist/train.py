@@ -243,17 +243,30 @@ RESUMABLE_CHANGES = ("train.epochs", "train.threads", "train.device", "train.eva
                      "dist.", "checkpoint.", "data.path", "data.cache_dir", "swing.workers")
 
 
+# Fields added since a checkpoint may have been written: what a saved config without the field
+# ran with, as a function of that (settled) config. Before ``model.item_bias`` the target score
+# had a bias exactly when the interaction term was on; before ``train.lr_decay`` the rate was
+# constant.
+ABSENT_MEANS = {
+    "model.item_bias": lambda saved: bool(saved.get("model", {}).get("interaction_scoring")),
+    "train.lr_decay": lambda saved: 1.0,
+    "train.lr_patience": lambda saved: 2,
+}
+
+
 def config_differences(saved: dict, now: dict) -> list[str]:
     """Fields (section.field) whose values differ between a checkpoint's config and this run's,
-    ignoring those listed in ``RESUMABLE_CHANGES``. Both must be settled against the data
+    ignoring those listed in ``RESUMABLE_CHANGES``; a field the checkpoint's config lacks counts
+    as the value it ran with (``ABSENT_MEANS``). Both must be settled against the data
     (``config.resolve_against_data``): the saved config holds what its ``auto`` fields became."""
     out = []
     for sec in sorted(set(saved) | set(now)):
         a, b = saved.get(sec, {}), now.get(sec, {})
         for k in sorted(set(a) | set(b)):
             key = f"{sec}.{k}"
-            if not key.startswith(RESUMABLE_CHANGES) and a.get(k) != b.get(k):
-                out.append(f"{key} ({a.get(k)!r} in the checkpoint, {b.get(k)!r} now)")
+            was = a[k] if k in a else ABSENT_MEANS[key](saved) if key in ABSENT_MEANS else None
+            if not key.startswith(RESUMABLE_CHANGES) and was != b.get(k):
+                out.append(f"{key} ({was!r} in the checkpoint, {b.get(k)!r} now)")
     return out
 
 
@@ -347,6 +360,7 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         state.step = int(doc["step"])
         state.epoch = int(doc["epoch"]) - (1 if int(doc["batch"]) == 0 else 0)
         state.hmg.steps = int(doc["hmg_steps"])
+        state.load_lr_state(doc.get("lr_schedule"))
         history.load_state_dict(doc["history"])
         start_epoch, start_batch, partial = int(doc["epoch"]), int(doc["batch"]), list(doc["partial"])
         log.info("resuming from %s (written by %d rank(s)): epoch %d, batch %d, global step %d", path,
@@ -364,6 +378,7 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         t0 = time.time()
         tensors = state_tensors(model, step, rows)
         meta = {"epoch": epoch, "batch": batch, "partial": partial_results, "hmg_steps": state.hmg.steps,
+                "lr_schedule": state.lr_state(),
                 "history": history.state_dict(), "logger": logger.state_dict(), "config": cfg.to_dict(),
                 "dataset_sha256": ds.checksum(), "tensors": describe_tensors(tensors)}
         path = ckpts.save(state.step, tensors, meta)
@@ -418,7 +433,7 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                     bar.set_postfix(rec=f"{res.losses['rec']:.4g}")
                 if every_steps and state.step % every_steps == 0 and b + 1 < n_batches:
                     save_checkpoint(epoch, b + 1, results)
-            rec = {"kind": "epoch", "epoch": epoch, "steps": len(results)}
+            rec = {"kind": "epoch", "epoch": epoch, "steps": len(results), "lr": state.lr}
             timing = {"seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb()}
             if device.type == "cuda":
                 timing["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -452,6 +467,9 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                          " ".join(f"{k}={v:.4f}" for k, v in scores["valid"].items()),
                          " ".join(f"{k}={v:.4f}" for k, v in scores["test"].items()), " *" if improved else "",
                          eval_seconds, timing["seconds"])
+                if state.after_evaluation(scores["valid"][tc.select_metric]):
+                    log.info("learning rate lowered to %.3g after %d evaluations without a validation improvement",
+                             state.lr, tc.lr_patience)
                 if history.should_stop():
                     log.info("early stop: no validation improvement in %d evaluations", history.bad)
             every = cfg.checkpoint.every_epochs

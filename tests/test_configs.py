@@ -88,3 +88,29 @@ def test_a_settled_auto_is_no_config_difference():
     assert config_differences(other, now.to_dict()) == [
         "model.interaction_per_item (False in the checkpoint, True now)"]
     assert config_differences(on, load_config(None).to_dict())  # an unsettled auto is a difference
+
+
+def test_a_field_added_since_a_checkpoint_counts_as_what_it_ran_with():
+    """A checkpoint written before ``model.item_bias`` / ``train.lr_decay`` existed lacks them: its
+    model had a bias exactly when the interaction term was on, and its rate was constant."""
+    from mbssl_dist.train import config_differences
+
+    def saved_without(cfg, *fields):
+        d = cfg.to_dict()
+        for f in fields:
+            sec, k = f.split(".")
+            del d[sec][k]
+        return d
+
+    new = ("model.item_bias", "train.lr_decay", "train.lr_patience")
+    on = load_config(None, ["model.interaction_scoring=true"])
+    assert config_differences(saved_without(on, *new), on.to_dict()) == []
+    off = load_config(None, ["model.interaction_scoring=false", "model.interaction_per_item=false",
+                             "model.item_bias=false"])
+    assert config_differences(saved_without(off, *new), off.to_dict()) == []
+    off_bias = load_config(None, ["model.interaction_scoring=false", "model.interaction_per_item=false"])
+    assert config_differences(saved_without(off_bias, *new), off_bias.to_dict()) == [
+        "model.item_bias (False in the checkpoint, True now)"]
+    decayed = load_config(None, ["model.interaction_scoring=true", "train.lr_decay=0.5"])
+    assert config_differences(saved_without(on, *new), decayed.to_dict()) == [
+        "train.lr_decay (1.0 in the checkpoint, 0.5 now)"]

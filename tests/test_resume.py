@@ -117,6 +117,20 @@ def test_resume_at_epoch_boundary_and_mid_epoch_equals_uninterrupted(tmp_path):
     assert (mid / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
 
 
+def test_a_lowered_learning_rate_survives_resume(tmp_path):
+    """train.lr_decay: the rate lowered on a plateau before the stop is the rate after the resume
+    (it is not among the optimizer tensors a checkpoint holds, so it has its own record)."""
+    decay = ["train.lr_decay=0.5", "train.lr_patience=1"]
+    rc, full = run(tmp_path, "full", ["train.epochs=6"] + decay)
+    assert rc == 0
+    rates = [r["lr"] for r in records(full) if r["kind"] == "epoch"]
+    assert rates[0] == 0.05 and rates[3] < rates[0], rates  # lowered before epoch 3 (not vacuous)
+    assert run(tmp_path, "split", ["train.epochs=3"] + decay)[0] == 0
+    rc, split = run(tmp_path, "split", ["train.epochs=6"] + decay)
+    assert rc == 0
+    assert (split / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
+
+
 def test_checkpoints_are_pruned_to_keep_and_written_whole(tmp_path):
     rc, out = run(tmp_path, "k", ["train.epochs=4", "checkpoint.keep=2"])
     assert rc == 0

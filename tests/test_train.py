@@ -214,3 +214,30 @@ def test_built_in_defaults_learn_from_the_first_epoch_and_resume(tmp_path):
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs if r["kind"] == "epoch"] == [0, 1]
     assert recs[:len(first)] == first
+
+
+def test_lr_decay_lowers_the_rate_after_lr_patience_evaluations_without_improvement():
+    """Hand-worked: patience 2, factor 0.5; improvement is strict, as in model selection."""
+    from mbssl_dist.config import Config
+    from mbssl_dist.model import MBSSL
+    from mbssl_dist.training import TrainStep
+
+    cfg = Config()
+    cfg.train.lr, cfg.train.lr_decay, cfg.train.lr_patience = 0.01, 0.5, 2
+    ts = TrainStep(MBSSL(5, 4, 2, dim=4, n_layers=1, att_dim=2), cfg.loss, cfg.hmg, cfg.train)
+    lowered, rates = [], []
+    for m in [0.1, 0.2, 0.2, 0.2, 0.3, 0.3, 0.25, 0.3, 0.31]:
+        lowered.append(ts.state.after_evaluation(m))
+        rates.append(ts.state.lr)
+    assert lowered == [False, False, False, True, False, False, True, False, False]
+    assert rates == [0.01, 0.01, 0.01, 0.005, 0.005, 0.005, 0.0025, 0.0025, 0.0025]
+    # the state goes through JSON (a checkpoint's trainer.json) and continues the same way
+    import json
+    other = TrainStep(MBSSL(5, 4, 2, dim=4, n_layers=1, att_dim=2), cfg.loss, cfg.hmg, cfg.train)
+    other.state.load_lr_state(json.loads(json.dumps(ts.state.lr_state())))
+    assert other.state.lr == 0.0025
+    for m in [0.31, 0.31]:
+        assert other.state.after_evaluation(m) == ts.state.after_evaluation(m)
+    assert other.state.lr == ts.state.lr == 0.00125
+    constant = TrainStep(MBSSL(5, 4, 2, dim=4, n_layers=1, att_dim=2), cfg.loss, cfg.hmg, Config().train)
+    assert not any(constant.state.after_evaluation(0.1) for _ in range(5)) and constant.state.lr == Config().train.lr
