@@ -357,6 +357,13 @@ def _check_type(where: str, value: Any, tp) -> Any:
     return value
 
 
+def interaction_off(m: ModelConfig) -> None:
+    """The interaction term off takes its per-item refinement with it (``interaction_per_item``'s
+    default refines a term that is then absent). The one place that rule is written."""
+    m.interaction_scoring = False
+    m.interaction_per_item = False
+
+
 def from_dict(raw: dict, source: str = "") -> Config:
     cfg = Config(source=source)
     for sec, vals in raw.items():
@@ -372,7 +379,7 @@ def from_dict(raw: dict, source: str = "") -> Config:
                 raise ConfigError(f"unknown field {sec}.{k}; valid fields of [{sec}]: {sorted(hints)}")
             setattr(obj, k, _check_type(f"{sec}.{k}", v, hints[k]))
     if cfg.model.interaction_scoring is False and "interaction_per_item" not in raw.get("model", {}):
-        cfg.model.interaction_per_item = False  # its default refines a term that is now off
+        interaction_off(cfg.model)
     validate(cfg)
     return cfg
 
@@ -537,12 +544,12 @@ def resolve_against_data(cfg: Config, manifest: dict, behaviors: list[str]) -> l
     m = cfg.model
     if m.interaction_scoring == "auto":
         n = manifest.get("validation", {}).get("test_pairs_in_aux_behaviors")
-        m.interaction_scoring = not (len(behaviors) > 1 and n == 0)
-        if not m.interaction_scoring:
-            m.interaction_per_item = False
+        if len(behaviors) > 1 and n == 0:
+            interaction_off(m)
             notes.append("model.interaction_scoring = 'auto' -> false: no test pair occurs in an auxiliary "
                          "behavior, so 'already interacted' can only rank held-out items down")
         else:
+            m.interaction_scoring = True
             notes.append(f"model.interaction_scoring = 'auto' -> true ({n} test pairs occur in auxiliary behaviors)")
     return notes
 

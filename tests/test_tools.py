@@ -204,6 +204,15 @@ def test_hits_by_aux_against_the_evaluator(tmp_path):
     assert rows["in an auxiliary behavior"][1] + rows["in no auxiliary behavior"][1] == pytest.approx(rows["all"][1], abs=2e-4)
 
 
+@pytest.mark.parametrize("cmd", [["tools/hits_by_aux.py", "--data", "NOPE", "--recs", "r.parquet"],
+                                 ["tools/bench_ssl.py", "--floor", "--data", "NOPE"]])
+def test_measurement_tools_refuse_a_wrong_data_path_in_one_line(tmp_path, cmd):
+    cmd = [str(tmp_path / "nope") if x == "NOPE" else x for x in cmd]
+    r = subprocess.run([sys.executable] + cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "nope" in r.stderr.strip().splitlines()[-1] and "manifest.json" in r.stderr
+
+
 def test_hmg_first_step_runs_and_refuses_a_used_out(tmp_path):
     out = tmp_path / "hmg"
     cmd = [sys.executable, "tools/hmg_first_step.py", "--configs", "configs/synthetic.toml", "--budget", "0", "0.1",

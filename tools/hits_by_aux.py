@@ -47,12 +47,22 @@ def main(argv=None) -> int:
     ap.add_argument("--recs", required=True, help="Parquet of `python -m mbssl_dist.recommend --k K` (dense ids)")
     ap.add_argument("--k", type=int, default=10)
     a = ap.parse_args(argv)
-    from mbssl_dist.data import load_prepared
+    from mbssl_dist.data import DataError, load_prepared
+    from mbssl_dist.evaluate import eval_masks
 
     torch.set_num_threads(1)
-    ds = load_prepared(a.data)
+    try:  # a wrong path or file: one line, exit 2
+        ds = load_prepared(a.data)
+    except DataError as e:
+        print(f"hits_by_aux: {e}", file=sys.stderr)
+        return 2
+    try:
+        recs = pd.read_parquet(a.recs, columns=["user", "item", "rank"])
+    except (OSError, ValueError, KeyError) as e:
+        print(f"hits_by_aux: {a.recs}: not a Parquet file of recommend's lists (user, item, rank): "
+              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 2
     n, K = ds.n_items, ds.n_behaviors
-    recs = pd.read_parquet(a.recs)
     recs = recs[recs["rank"] <= a.k]
     if recs.empty or int(recs.groupby("user").size().max()) < a.k:
         print(f"hits_by_aux: {a.recs} holds fewer than --k {a.k} items per user", file=sys.stderr)
@@ -60,11 +70,7 @@ def main(argv=None) -> int:
     tu, ti = ds.test_user.astype(np.int64), ds.test_item.astype(np.int64)
     key = lambda u, i: np.asarray(u, dtype=np.int64) * n + np.asarray(i, dtype=np.int64)  # noqa: E731
     aux = np.unique(np.concatenate([key(*ds.pairs(k)) for k in range(K - 1)])) if K > 1 else np.zeros(0, np.int64)
-    bu, bi = ds.pairs(K - 1)
-    known = sp.csr_matrix((np.ones(len(bu) + len(ds.valid_user)),
-                           (np.r_[bu, ds.valid_user].astype(np.int64), np.r_[bi, ds.valid_item].astype(np.int64))),
-                          shape=(ds.n_users, n))
-    known.data[:] = 1.0
+    known = eval_masks(ds)["test"]  # the evaluator's (and recommend's) known purchases: train + validation
     in_aux = np.isin(key(tu, ti), aux)
     hit_model = np.isin(key(tu, ti), key(recs["user"].to_numpy(), recs["item"].to_numpy()))
     users = np.unique(tu)

@@ -106,13 +106,16 @@ def assemble(behaviors: list[str], users: list[np.ndarray], items: list[np.ndarr
     # a validation pair still present in carts would be far easier than the test. ``auto``
     # mirrors what the test shows (see ``mirror_count``).
     aux_keys = [pair_keys(users[k], items[k], n_items) for k in range(K - 1)]
-    test_hits = [np.isin(test_keys, a) for a in aux_keys]
-    test_in_aux = sum(int(h.sum()) for h in test_hits)  # counted once per behavior
-    test_any = np.logical_or.reduce(test_hits) if test_hits else np.zeros(len(test_keys), dtype=bool)
+
+    def membership(keys: np.ndarray) -> tuple[int, np.ndarray]:
+        """(pairs counted once per auxiliary behavior they occur in, per pair: in any of them)."""
+        hits = [np.isin(keys, a) for a in aux_keys]
+        return sum(int(h.sum()) for h in hits), (np.logical_or.reduce(hits) if hits
+                                                  else np.zeros(len(keys), dtype=bool))
+
+    test_in_aux, test_any = membership(test_keys)
     vkeys = pair_keys(valid_user, valid_item, n_items)
-    in_any_aux = np.zeros(len(vkeys), dtype=bool)
-    for a in aux_keys:
-        in_any_aux |= np.isin(vkeys, a)
+    in_any_aux = membership(vkeys)[1]
     if valid_aux == "keep" or len(vkeys) == 0:
         n_strip = 0
     elif valid_aux == "drop":
