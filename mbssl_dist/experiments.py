@@ -45,6 +45,7 @@ import numpy as np
 from . import tracking
 from .config import (Config, ConfigError, apply_overrides, from_dict, load_config, read_toml,
                      resolve_against_data)
+from .data.errors import DataError
 from .utils.io import atomic_write_json
 
 log = logging.getLogger("mbssl_dist.experiments")
@@ -181,6 +182,24 @@ def stop(proc: subprocess.Popen, timeout: float = 60.0) -> None:
         pass
 
 
+class Terminated(BaseException):
+    """SIGTERM reached the runner (``kill``, Slurm's preemption): unwinds like Ctrl-C, so the
+    training child is stopped and the parent run is recorded KILLED, not left RUNNING."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, _frame) -> None:
+    raise Terminated(signum)
+
+
+def ending_status(e: BaseException) -> str:
+    """The parent run's status when the grid ends with ``e``: KILLED only when it was stopped."""
+    return "KILLED" if isinstance(e, (KeyboardInterrupt, Terminated)) else "FAILED"
+
+
 # ----------------------------------------------------------------------------- the grid
 
 
@@ -313,8 +332,8 @@ def run_grid(exp: Experiment, points: list[Point]) -> int:
                     log.error("%s failed (exit %s, status %s); see %s", run_name, rc, run_status(run_dir),
                               exp.dir / "logs" / f"{p.name}_seed{s}.log")
                     failed.append(run_name)
-    except BaseException:
-        end_parent(base, parent, "KILLED")
+    except BaseException as e:
+        end_parent(base, parent, ending_status(e))
         raise
     end_parent(base, parent, "FINISHED" if not failed else "FAILED")
     log.info("%s: %d run(s) trained, %d skipped as finished, %d failed%s", exp.name, ran, skipped, len(failed),
@@ -608,8 +627,8 @@ def run_search(exp: Experiment, space_path: str, n_trials: int, poll: float = 0.
     try:
         if todo > 0:
             study.optimize(objective, n_trials=todo, catch=(RuntimeError,))
-    except BaseException:
-        end_parent(base, parent, "KILLED")
+    except BaseException as e:
+        end_parent(base, parent, ending_status(e))
         raise
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if done:
@@ -644,6 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = None if a.data == "synthetic" else a.data
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         for opt, v in (("--seeds", a.seeds), ("--processes", a.processes), ("--trials", a.trials)):
             if v < 1:
@@ -666,9 +686,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         log.info("%s: %s", run_dir, ", ".join(f"{g['label']}: n={g['n_users']} ndcg@50="
                                                             f"{g['test'].get('ndcg@50', float('nan')):.4f}"
                                                             for g in res["groups"]))
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        log.error("interrupted by %s: the running point was stopped (recorded KILLED; rerun the same "
+                  "command to continue the grid)", signal.Signals(signum).name)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     return 1 if failed else 0
 
 

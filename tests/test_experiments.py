@@ -176,6 +176,45 @@ def test_cli_bad_input_is_one_line_exit_2(env, tmp_path):
     p = subprocess.run([sys.executable, "-m", "mbssl_dist.experiments", "ablation", "--data", str(tmp_path / "no.toml")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no.toml" in p.stderr and "Traceback" not in p.stderr
+    # a config whose data is missing: found when the grid first looks at a run directory
+    cfg = tmp_path / "gone.toml"
+    cfg.write_text(f'[data]\nformat = "text"\npath = "{tmp_path / "no_such_data"}"\n')
+    (tmp_path / "x" / "ablation" / "full" / "seed0").mkdir(parents=True)
+    (tmp_path / "x" / "ablation" / "full" / "seed0" / "config.toml").write_text("[train]\nepochs = 1\n")
+    p = subprocess.run([sys.executable, "-m", "mbssl_dist.experiments", "ablation", "--data", str(cfg), "--out",
+                        str(tmp_path / "x"), "--set", "run.mlflow=false"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no_such_data" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_sigterm_to_the_runner_stops_the_point_and_records_killed(env):
+    """kill (or a Slurm preemption) of the runner: the training child is stopped, not orphaned,
+    its run and the parent MLflow run say KILLED, and the runner exits 128 + 15."""
+    import signal
+    import time
+
+    tmp = env
+    cmd = [sys.executable, "-m", "mbssl_dist.experiments", "ablation", "--data", "synthetic", "--seeds", "1",
+           "--epochs", "200", "--out", str(tmp / "exps")]
+    for x in base_sets(tmp, mlflow=True):
+        cmd += ["--set", x]
+    runner = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp / "exps" / "ablation" / "full" / "seed0"
+    deadline = time.time() + 240
+    while not list((run_dir / "checkpoints").glob("step-*")) and time.time() < deadline and runner.poll() is None:
+        time.sleep(0.5)
+    assert runner.poll() is None, runner.stderr.read()[-2000:]
+    child_pid = json.loads((run_dir / "run.json").read_text())["pid"]
+    runner.send_signal(signal.SIGTERM)
+    err = runner.communicate(timeout=120)[1]
+    assert runner.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and "interrupted by SIGTERM" in err
+    assert json.loads((run_dir / "final.json").read_text())["status"] == "KILLED"
+    with pytest.raises(ProcessLookupError):
+        os.kill(child_pid, 0)
+    parent = json.loads((tmp / "exps" / "ablation" / "experiment.json").read_text())["mlflow_parent_run_id"]
+    con = sqlite3.connect(tmp / "mlflow.db")
+    assert con.execute("select status from runs where run_uuid=?", (parent,)).fetchone()[0] == "KILLED"
+    con.close()
 
 
 def test_optuna_search_resumes_from_its_sqlite_study(env):
