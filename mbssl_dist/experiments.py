@@ -1,4 +1,4 @@
-"""``python -m mbssl_dist.experiments NAME --data CONFIG [--seeds N] [--epochs N] [--processes P]``
+"""``python -m mbssl_dist.experiments NAME --data CONFIG_OR_DATASET [--seeds N] [--epochs N] [--processes P]``
 
 The paper's experiments as one command each. NAME is one of
 
@@ -18,7 +18,9 @@ under ``torch.distributed.run`` with ``--processes P``) named ``POINT/seedS`` un
 ``OUT/NAME/``. The grid is resumable: a point whose ``final.json`` says FINISHED is skipped, a
 killed one continues from its checkpoint (``run.resume = "auto"`` in the trainer). Each run is
 an MLflow run nested under one parent run of the experiment (tag ``mlflow.parentRunId``) and
-tagged with its grid point. ``--data synthetic`` uses the built-in synthetic generator.
+tagged with its grid point. ``--data synthetic`` uses the built-in synthetic generator; ``--data
+DIR`` (a dataset directory, text or prepared) runs the built-in default recipe on it, as
+``python -m mbssl_dist.train --set data.format=... --set data.path=DIR`` would.
 
 ``OUT/NAME/experiment.json`` records the grid (points, overrides, seeds, the parent MLflow run)
 for ``python -m mbssl_dist.report OUT/NAME``.
@@ -212,6 +214,8 @@ class Experiment:
     processes: int
     out: Path
     epochs: int | None = None
+    label: str = ""
+    """What --data named, for the records (the config file, the dataset directory or synthetic)."""
 
     @property
     def dir(self) -> Path:
@@ -286,8 +290,8 @@ def run_grid(exp: Experiment, points: list[Point]) -> int:
     meta_path = exp.dir / "experiment.json"
     prev = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     parent = parent_run(base, exp.name, prev.get("mlflow_parent_run_id"),
-                        {"mbssl.experiment": exp.name, "mbssl.config": exp.config or "synthetic"})
-    meta = {"experiment": exp.name, "config": exp.config, "sets": exp.base_sets, "seeds": exp.seeds,
+                        {"mbssl.experiment": exp.name, "mbssl.config": exp.label or exp.config or "synthetic"})
+    meta = {"experiment": exp.name, "config": exp.config, "data": exp.label, "sets": exp.base_sets, "seeds": exp.seeds,
             "epochs": exp.epochs, "processes": exp.processes, "select_metric": base.train.select_metric,
             "mlflow_parent_run_id": parent, "tracking_uri": tracking_uri(base) if parent else None,
             "points": [{"name": p.name, "overrides": p.overrides, "value": p.value, "kind": p.kind}
@@ -577,8 +581,8 @@ def run_search(exp: Experiment, space_path: str, n_trials: int, poll: float = 0.
     meta_path = exp.dir / "experiment.json"
     prev = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     parent = parent_run(base, exp.name, prev.get("mlflow_parent_run_id"),
-                        {"mbssl.experiment": "search", "mbssl.config": exp.config or "synthetic"})
-    atomic_write_json(meta_path, {"experiment": "search", "config": exp.config, "sets": exp.base_sets,
+                        {"mbssl.experiment": "search", "mbssl.config": exp.label or exp.config or "synthetic"})
+    atomic_write_json(meta_path, {"experiment": "search", "config": exp.config, "data": exp.label, "sets": exp.base_sets,
                                   "seeds": 1, "epochs": exp.epochs, "processes": exp.processes, "space": space,
                                   "select_metric": metric, "mlflow_parent_run_id": parent,
                                   "tracking_uri": tracking_uri(base) if parent else None, "points": []})
@@ -643,11 +647,27 @@ def run_search(exp: Experiment, space_path: str, n_trials: int, poll: float = 0.
 # ----------------------------------------------------------------------------- CLI
 
 
+def data_source(data: str) -> tuple[str | None, list[str], str]:
+    """``--data`` as (config file or None, the --set lines it implies, a label for the records):
+    ``synthetic``; a directory (prepared when it holds a manifest, else text: the built-in
+    defaults on it); otherwise a config file."""
+    if data == "synthetic":
+        return None, [], "synthetic"
+    p = Path(data)
+    if p.is_dir():
+        from .data.dataset import MANIFEST
+
+        fmt = "prepared" if (p / MANIFEST).is_file() else "text"
+        return None, [f'data.format="{fmt}"', f"data.path={json.dumps(str(p.resolve()))}"], str(p.resolve())
+    return data, [], data
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mbssl_dist.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=EXPERIMENTS)
-    p.add_argument("--data", required=True, help="config TOML (configs/NAME.toml) or 'synthetic'")
+    p.add_argument("--data", required=True, help="config TOML (configs/NAME.toml), a dataset directory (the "
+                   "built-in defaults on it; pv-less data also needs --set data.behaviors=... etc.) or 'synthetic'")
     p.add_argument("--seeds", type=int, default=3, help="seeds per grid point (train.seed + 0..N-1)")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs of every run (default: the config's)")
     p.add_argument("--processes", type=int, default=1, help="ranks per run (torchrun when > 1)")
@@ -662,7 +682,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = None if a.data == "synthetic" else a.data
+    config, data_sets, label = data_source(a.data)
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         for opt, v in (("--seeds", a.seeds), ("--processes", a.processes), ("--trials", a.trials)):
@@ -670,7 +690,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"{opt} = {v}: must be >= 1")
         if a.epochs is not None and a.epochs < 1:
             raise ConfigError(f"--epochs = {a.epochs}: must be >= 1")
-        exp = Experiment(a.name, config, list(a.set), a.seeds, a.processes, Path(a.out), a.epochs)
+        exp = Experiment(a.name, config, data_sets + list(a.set), a.seeds, a.processes, Path(a.out), a.epochs,
+                         label=label)
         exp.resolved(list(a.set))  # validate the base config before anything runs
         if a.name == "search":
             if not a.space:

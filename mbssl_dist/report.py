@@ -333,7 +333,7 @@ def write_report(paths: Sequence[str], out: Path) -> Path:
     vcols, valid = summarize(runs, "valid")
     md = [f"# Experiment: {title}", ""]
     if meta:
-        md += [f"Config: `{meta.get('config') or 'synthetic'}`; overrides: `{' '.join(meta.get('sets') or []) or '-'}`; "
+        md += [f"--data `{meta.get('data') or meta.get('config') or 'synthetic'}`; overrides: `{' '.join(meta.get('sets') or []) or '-'}`; "
                f"seeds: {meta.get('seeds')}; epochs: {meta.get('epochs') or 'config'}; processes: "
                f"{meta.get('processes')}.", ""]
         over = {p["name"]: " ".join(p.get("overrides") or []) for p in meta.get("points", [])}

@@ -383,3 +383,32 @@ def test_a_finished_run_of_the_defaults_is_reused(tmp_path):
     (run / "config.toml").write_text(to_toml(load_config(None, sets + ["model.dim=16"]).to_dict()))
     with pytest.raises(E.ConfigError, match="model.dim"):
         E.check_reusable(run, cfg)
+
+
+def test_data_names_a_config_a_dataset_directory_or_synthetic(env):
+    """--data DIR runs the built-in default recipe on the dataset there (prepared or text)."""
+    import tomllib
+
+    from mbssl_dist.config import load_config
+    from mbssl_dist.data.prepare import prepare_synthetic
+    from mbssl_dist.data.synthetic import SyntheticSpec
+
+    tmp = env
+    assert E.data_source("synthetic") == (None, [], "synthetic")
+    assert E.data_source("configs/beibei.toml") == ("configs/beibei.toml", [], "configs/beibei.toml")
+    (tmp / "text").mkdir()
+    assert E.data_source(str(tmp / "text"))[1] == ['data.format="text"', f'data.path="{tmp / "text"}"']
+    prepare_synthetic(tmp / "syn", SyntheticSpec(n_users=150, n_items=90, n_clusters=4))
+    cmd = [sys.executable, "-m", "mbssl_dist.experiments", "sparsity", "--data", str(tmp / "syn"), "--seeds", "1",
+           "--epochs", "1", "--out", str(tmp / "exps"), "--set", "run.mlflow=false", "--set", "train.threads=1",
+           "--set", "swing.workers=1", "--set", "run.progress=false", "--set", f'data.cache_dir="{tmp / "cache"}"']
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp / "exps" / "sparsity" / "mbssl" / "seed0"
+    assert json.loads((run / "final.json").read_text())["status"] == "FINISHED"
+    saved = tomllib.loads((run / "config.toml").read_text())
+    assert saved["data"]["format"] == "prepared" and saved["data"]["path"] == str(tmp / "syn")
+    ref = load_config(None).to_dict()
+    assert {k: v for k, v in saved["loss"].items()} == ref["loss"] and saved["hmg"] == ref["hmg"]
+    assert json.loads((tmp / "exps" / "sparsity" / "experiment.json").read_text())["data"] == str(tmp / "syn")
+    assert (run / "sparsity.json").is_file()
