@@ -9,11 +9,15 @@ cannot contain ``@``, so ``recall@10`` is logged as ``recall_10``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +127,34 @@ def connect(uri: str, experiment: str):
 
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        art = None
-        if uri.startswith("sqlite:///"):
-            art = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-        mlflow.create_experiment(experiment, artifact_location=art)
-    mlflow.set_experiment(experiment)
+    with _first_touch_lock(uri):
+        if mlflow.get_experiment_by_name(experiment) is None:
+            art = None
+            if uri.startswith("sqlite:///"):
+                art = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+            mlflow.create_experiment(experiment, artifact_location=art)
+        mlflow.set_experiment(experiment)
     return mlflow, uri
+
+
+@contextlib.contextmanager
+def _first_touch_lock(uri: str):
+    """Serialize, across processes, the first use of a SQLite store: MLflow creates its schema
+    (and we the experiment) on first contact, and two runs or grids started at once on a fresh
+    store otherwise race ("table latest_metrics already exists", a duplicate experiment). The
+    lock file lives in the temp directory, keyed by the database path, so nothing is added
+    beside the user's store."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    key = hashlib.sha1(str(db).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"mbssl-mlflow-{key}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class RunLogger:

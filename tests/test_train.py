@@ -241,3 +241,24 @@ def test_lr_decay_lowers_the_rate_after_lr_patience_evaluations_without_improvem
     assert other.state.lr == ts.state.lr == 0.00125
     constant = TrainStep(MBSSL(5, 4, 2, dim=4, n_layers=1, att_dim=2), cfg.loss, cfg.hmg, Config().train)
     assert not any(constant.state.after_evaluation(0.1) for _ in range(5)) and constant.state.lr == Config().train.lr
+
+
+def _connect(db: str) -> None:
+    from mbssl_dist import tracking
+
+    tracking.connect(f"sqlite:///{db}", "race")
+
+
+def test_runs_started_at_once_on_a_fresh_mlflow_store_all_connect(tmp_path):
+    """Two grids (or torchrun jobs) started together on a new SQLite store: MLflow's schema
+    creation raced ("duplicate column name", "table ... already exists"): 3-4 of 4 processes
+    failed before the first-touch lock."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_connect, args=(str(tmp_path / "mlflow.db"),)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
