@@ -217,6 +217,9 @@ class Experiment:
     label: str = ""
     """What --data named, for the records (the config file, the dataset directory or synthetic)."""
 
+    def __post_init__(self) -> None:
+        self.label = self.label or self.config or "synthetic"
+
     @property
     def dir(self) -> Path:
         return self.out / self.name
@@ -290,7 +293,7 @@ def run_grid(exp: Experiment, points: list[Point]) -> int:
     meta_path = exp.dir / "experiment.json"
     prev = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     parent = parent_run(base, exp.name, prev.get("mlflow_parent_run_id"),
-                        {"mbssl.experiment": exp.name, "mbssl.config": exp.label or exp.config or "synthetic"})
+                        {"mbssl.experiment": exp.name, "mbssl.config": exp.label})
     meta = {"experiment": exp.name, "config": exp.config, "data": exp.label, "sets": exp.base_sets, "seeds": exp.seeds,
             "epochs": exp.epochs, "processes": exp.processes, "select_metric": base.train.select_metric,
             "mlflow_parent_run_id": parent, "tracking_uri": tracking_uri(base) if parent else None,
@@ -581,7 +584,7 @@ def run_search(exp: Experiment, space_path: str, n_trials: int, poll: float = 0.
     meta_path = exp.dir / "experiment.json"
     prev = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     parent = parent_run(base, exp.name, prev.get("mlflow_parent_run_id"),
-                        {"mbssl.experiment": "search", "mbssl.config": exp.label or exp.config or "synthetic"})
+                        {"mbssl.experiment": "search", "mbssl.config": exp.label})
     atomic_write_json(meta_path, {"experiment": "search", "config": exp.config, "data": exp.label, "sets": exp.base_sets,
                                   "seeds": 1, "epochs": exp.epochs, "processes": exp.processes, "space": space,
                                   "select_metric": metric, "mlflow_parent_run_id": parent,

@@ -142,9 +142,11 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
+    from mbssl_dist.data.dataset import MANIFEST
+
     for d in args.data:  # before any child starts: a wrong path is one line, exit 2
-        if not (Path(d) / "manifest.json").is_file():
-            ap.error(f"--data {d}: not a prepared dataset directory (no manifest.json); "
+        if not (Path(d) / MANIFEST).is_file():
+            ap.error(f"--data {d}: not a prepared dataset directory (no {MANIFEST}); "
                      f"run `python -m mbssl_dist.data prepare` first")
     if args.floor:
         return floor_main(args)

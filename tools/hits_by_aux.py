@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=10)
     a = ap.parse_args(argv)
     from mbssl_dist.data import DataError, load_prepared
+    from mbssl_dist.data.split import pair_keys
     from mbssl_dist.evaluate import eval_masks
 
     torch.set_num_threads(1)
@@ -68,7 +69,9 @@ def main(argv=None) -> int:
         print(f"hits_by_aux: {a.recs} holds fewer than --k {a.k} items per user", file=sys.stderr)
         return 2
     tu, ti = ds.test_user.astype(np.int64), ds.test_item.astype(np.int64)
-    key = lambda u, i: np.asarray(u, dtype=np.int64) * n + np.asarray(i, dtype=np.int64)  # noqa: E731
+    def key(u, i):  # the evaluator's (user, item) pair keys
+        return pair_keys(np.asarray(u), np.asarray(i), n)
+
     aux = np.unique(np.concatenate([key(*ds.pairs(k)) for k in range(K - 1)])) if K > 1 else np.zeros(0, np.int64)
     known = eval_masks(ds)["test"]  # the evaluator's (and recommend's) known purchases: train + validation
     in_aux = np.isin(key(tu, ti), aux)
