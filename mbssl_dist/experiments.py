@@ -193,8 +193,26 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-def _raise_terminated(signum, _frame) -> None:
-    raise Terminated(signum)
+class StopSignals:
+    """SIGTERM / SIGINT handlers for the runner: the first signal unwinds the grid (Terminated,
+    KeyboardInterrupt); a repeated one (a second Ctrl-C, Slurm's signal to every process of the
+    step) is logged and ignored, so it cannot cut short ``stop`` while the training child records
+    itself KILLED. ``stop`` still SIGKILLs a child that hangs."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.old = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, _frame) -> None:
+        self.received.append(signum)
+        if len(self.received) == 1:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+        log.warning("%s again: already stopping the running point (waiting for it to record itself KILLED)",
+                    signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
 
 
 def ending_status(e: BaseException) -> str:
@@ -686,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config, data_sets, label = data_source(a.data)
-    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    signals = StopSignals()
     try:
         for opt, v in (("--seeds", a.seeds), ("--processes", a.processes), ("--trials", a.trials)):
             if v < 1:
@@ -719,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "command to continue the grid)", signal.Signals(signum).name)
         return 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        signals.restore()
     return 1 if failed else 0
 
 

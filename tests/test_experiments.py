@@ -186,9 +186,12 @@ def test_cli_bad_input_is_one_line_exit_2(env, tmp_path):
     assert p.returncode == 2 and "no_such_data" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
-def test_sigterm_to_the_runner_stops_the_point_and_records_killed(env):
+@pytest.mark.parametrize("repeats", [0, 2], ids=["once", "repeated"])
+def test_sigterm_to_the_runner_stops_the_point_and_records_killed(env, repeats):
     """kill (or a Slurm preemption) of the runner: the training child is stopped, not orphaned,
-    its run and the parent MLflow run say KILLED, and the runner exits 128 + 15."""
+    its run and the parent MLflow run say KILLED, and the runner exits 128 + 15. Repeated
+    signals (SIGTERM, then Ctrl-C) while it stops the child do not cut the stop short: the
+    runner still waits for the child to record itself."""
     import signal
     import time
 
@@ -205,9 +208,13 @@ def test_sigterm_to_the_runner_stops_the_point_and_records_killed(env):
     assert runner.poll() is None, runner.stderr.read()[-2000:]
     child_pid = json.loads((run_dir / "run.json").read_text())["pid"]
     runner.send_signal(signal.SIGTERM)
+    for sig in [signal.SIGTERM, signal.SIGINT][:repeats]:
+        time.sleep(0.3)
+        runner.send_signal(sig)
     err = runner.communicate(timeout=120)[1]
     assert runner.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "Traceback" not in err and "interrupted by SIGTERM" in err
+    assert err.count("already stopping the running point") == repeats
     assert json.loads((run_dir / "final.json").read_text())["status"] == "KILLED"
     with pytest.raises(ProcessLookupError):
         os.kill(child_pid, 0)
