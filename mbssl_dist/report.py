@@ -279,19 +279,24 @@ def curve_figures(runs: list[Run], metric: str, out: Path) -> list[Path]:
 def sparsity_section(runs: list[Run], out: Path) -> tuple[list[str], Path | None]:
     """Table and figure (bars: test users per group; line: mean NDCG@50, std error bars) from
     the runs' sparsity.json (written by ``experiments sparsity``)."""
-    docs = []
+    docs, names = [], []
     for r in runs:
         try:
             docs.append(json.loads((r.dir / "sparsity.json").read_text()))
+            names.append(r.seed)
         except (OSError, ValueError):
             pass
     if not docs:
         return [], None
     labels = [g["label"] for g in docs[0]["groups"]]
-    same = [d for d in docs if [g["label"] for g in d["groups"]] == labels]
+    keep = [[g["label"] for g in d["groups"]] == labels for d in docs]
+    same = [d for d, k in zip(docs, keep) if k]
     metrics = [m for m in METRIC_ORDER if m in docs[0]["groups"][0]["test"]] if labels else []
+    models = ", ".join(f"{n}: {d.get('source', '?')} epoch {d.get('epoch')}" for n, d, k in zip(names, docs, keep) if k)
+    other = [n for n, k in zip(names, keep) if not k]
     lines = ["## Per user group by training purchases (sparsity)", "",
-             f"{docs[0]['grouping']}; model: {docs[0].get('source', '?')} (epoch {docs[0].get('epoch')}); {len(same)} run(s).", "",
+             f"{docs[0]['grouping']}; {len(same)} run(s), each its best-validation model ({models})"
+             + (f"; left out, grouped otherwise: {', '.join(other)}" if other else "") + ".", "",
              "| purchases | test users | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     stats = []
     for j, lab in enumerate(labels):
