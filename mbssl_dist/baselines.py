@@ -70,10 +70,12 @@ class PopularityScorer:
 
 
 class AuxPopularityScorer:
-    """Auxiliary-behavior items of the user (closest behavior first), then popularity."""
+    """Auxiliary-behavior items of the user (closest behavior first), then popularity.
+    ``within`` (non-negative, per item) replaces popularity as the order inside each level
+    (``tools/split_shift.py`` orders by conversion rate)."""
 
-    def __init__(self, ds, device: torch.device | str = "cpu"):
-        pop = item_popularity(ds).astype(np.float64)
+    def __init__(self, ds, device: torch.device | str = "cpu", within: np.ndarray | None = None):
+        pop = (item_popularity(ds) if within is None else np.asarray(within)).astype(np.float64)
         self.pop = torch.from_numpy(pop / (pop.max(initial=0.0) + 1.0)).to(device)
         # level matrix: 1 + max aux behavior index, as a CSR (0 = absent)
         level = sp.csr_matrix((ds.n_users, ds.n_items), dtype=np.float64)

@@ -204,7 +204,52 @@ def test_hits_by_aux_against_the_evaluator(tmp_path):
     assert rows["in an auxiliary behavior"][1] + rows["in no auxiliary behavior"][1] == pytest.approx(rows["all"][1], abs=2e-4)
 
 
+def test_split_shift_against_brute_force(tmp_path):
+    """The held-out item statistics equal a pair-by-pair loop; aux-popularity's row is the
+    evaluator's baseline figure; aux-conversion (AuxPopularityScorer with ``within``) orders a level by the brute-force rate."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import split_shift as S
+    from mbssl_dist.baselines import run_baselines
+    from mbssl_dist.data import load_prepared
+    from mbssl_dist.data.prepare import prepare_synthetic
+    from mbssl_dist.data.synthetic import SyntheticSpec
+
+    prepare_synthetic(tmp_path / "syn", SyntheticSpec(n_users=150, n_items=90, n_clusters=4))
+    ds = load_prepared(tmp_path / "syn")
+    K = ds.n_behaviors
+    cart = set(zip(*(x.tolist() for x in ds.pairs(K - 2))))
+    buy = set(zip(*(x.tolist() for x in ds.pairs(K - 1))))
+    buys = {i: sum(1 for _, j in buy if j == i) for i in range(ds.n_items)}
+    rate = len(cart & buy) / len(cart)
+    conv = [(sum(1 for p in cart if p[1] == i and p in buy) + 5 * rate) / (sum(1 for p in cart if p[1] == i) + 5)
+            for i in range(ds.n_items)]
+    assert S.conversion(ds, 5.0) == pytest.approx(conv, rel=1e-12)
+    st = S.shift_stats(ds, 5.0)
+    for ph, (us, it) in {"valid": (ds.valid_user, ds.valid_item), "test": (ds.test_user, ds.test_item)}.items():
+        pairs = sorted(set(zip(us.tolist(), it.tolist())))
+        in_aux = [p in cart for p in pairs]
+        assert st[ph]["pairs"] == len(pairs)
+        assert st[ph]["in_closest_aux"] == pytest.approx(np.mean(in_aux))
+        assert st[ph]["median_buys"] == np.median([buys[i] for _, i in pairs])
+        assert st[ph]["conversion"] == pytest.approx(np.mean([conv[i] for _, i in pairs]))
+        assert st[ph]["conversion_in_aux"] == pytest.approx(np.mean([conv[i] for (_, i), a in zip(pairs, in_aux) if a]))
+    rm = S.rule_metrics(ds, 5)
+    want = run_baselines(ds, ["aux_popularity"], ks=(5,))["aux_popularity"]
+    for ph in ("valid", "test"):
+        assert rm["aux-popularity"][ph]["recall@5"] == pytest.approx(want[ph]["recall@5"], abs=1e-12)
+    u = int(ds.test_user[0])
+    from mbssl_dist.baselines import AuxPopularityScorer
+
+    score = AuxPopularityScorer(ds, within=np.asarray(conv))(__import__("torch").tensor([u]))[0].numpy()
+    mine = sorted(i for v, i in cart if v == u)
+    assert all(score[i] >= 2.0 for i in mine) and all(score[i] < 2.0 for i in range(ds.n_items) if (u, i) not in cart)
+    assert sorted(mine, key=lambda i: (-score[i], i)) == sorted(mine, key=lambda i: (-conv[i], i))
+
+
 @pytest.mark.parametrize("cmd", [["tools/hits_by_aux.py", "--data", "NOPE", "--recs", "r.parquet"],
+                                 ["tools/split_shift.py", "--data", "NOPE"],
                                  ["tools/bench_ssl.py", "--floor", "--data", "NOPE"]])
 def test_measurement_tools_refuse_a_wrong_data_path_in_one_line(tmp_path, cmd):
     cmd = [str(tmp_path / "nope") if x == "NOPE" else x for x in cmd]
