@@ -170,10 +170,21 @@ def start_training(config: str | None, sets: list[str], processes: int, log_path
                                 env=env, start_new_session=True)
 
 
+_stopping = False  # True while stop() waits for a training child: signals are then only counted
+_held: list[int] = []  # signals that arrived meanwhile
+
+
 def stop(proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """SIGTERM the run (the trainer records it KILLED and exits), SIGKILL if it hangs."""
+    """SIGTERM the run (the trainer records it KILLED and exits), SIGKILL if it hangs.
+
+    A SIGTERM / Ctrl-C that arrives while it waits (a second Ctrl-C, Slurm signalling every
+    process of the step) cannot cut the wait short, so the child gets to record itself; if the
+    stop was not itself caused by a signal (a pruned trial), the held signal is raised after."""
+    global _stopping
     if proc.poll() is not None:
         return
+    cause = sys.exc_info()[1]
+    _stopping = True
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout)
@@ -182,6 +193,16 @@ def stop(proc: subprocess.Popen, timeout: float = 60.0) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
+    finally:
+        _stopping = False
+        held = list(_held)
+        _held.clear()
+    if held:
+        names = ", ".join(signal.Signals(x).name for x in held)
+        if isinstance(cause, (KeyboardInterrupt, Terminated)):
+            log.warning("%s while the running point stopped: held, so it could record itself KILLED", names)
+        else:
+            _raise_for(held[0])
 
 
 class Terminated(BaseException):
@@ -193,24 +214,32 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+def _raise_for(signum: int) -> None:
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+
+def _on_signal(signum, _frame) -> None:
+    """The runner's SIGTERM / SIGINT handler: unwind the grid, except while ``stop`` waits."""
+    if _stopping:
+        _held.append(signum)
+        return
+    _raise_for(signum)
+
+
 class StopSignals:
-    """SIGTERM / SIGINT handlers for the runner: the first signal unwinds the grid (Terminated,
-    KeyboardInterrupt); a repeated one (a second Ctrl-C, Slurm's signal to every process of the
-    step) is logged and ignored, so it cannot cut short ``stop`` while the training child records
-    itself KILLED. ``stop`` still SIGKILLs a child that hangs."""
+    """Installs ``_on_signal`` for SIGTERM and SIGINT (not for a SIGINT the runner inherited
+    ignored, as a shell's ``cmd &`` does) and puts the previous handlers back."""
 
-    def __init__(self) -> None:
-        self.received: list[int] = []
-        self.old = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def __enter__(self) -> StopSignals:
+        self.old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                continue
+            prev = signal.signal(sig, _on_signal)
+            self.old[sig] = signal.SIG_DFL if prev is None else prev
+        return self
 
-    def handle(self, signum, _frame) -> None:
-        self.received.append(signum)
-        if len(self.received) == 1:
-            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
-        log.warning("%s again: already stopping the running point (waiting for it to record itself KILLED)",
-                    signal.Signals(signum).name)
-
-    def restore(self) -> None:
+    def __exit__(self, *exc) -> None:
         for sig, h in self.old.items():
             signal.signal(sig, h)
 
@@ -704,30 +733,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config, data_sets, label = data_source(a.data)
-    signals = StopSignals()
     try:
-        for opt, v in (("--seeds", a.seeds), ("--processes", a.processes), ("--trials", a.trials)):
-            if v < 1:
-                raise ConfigError(f"{opt} = {v}: must be >= 1")
-        if a.epochs is not None and a.epochs < 1:
-            raise ConfigError(f"--epochs = {a.epochs}: must be >= 1")
-        exp = Experiment(a.name, config, data_sets + list(a.set), a.seeds, a.processes, Path(a.out), a.epochs,
-                         label=label)
-        exp.resolved(list(a.set))  # validate the base config before anything runs
-        if a.name == "search":
-            if not a.space:
-                raise ConfigError("search needs --space FILE (a TOML [space] table)")
-            failed = run_search(exp, a.space, a.trials)
-        else:
-            failed = run_grid(exp, grid(a.name))
-            if a.name == "sparsity":
-                for s in range(exp.seeds):
-                    run_dir = exp.dir / "mbssl" / f"seed{s}"
-                    if run_status(run_dir) == "FINISHED":
-                        res = sparsity_metrics(run_dir)
-                        log.info("%s: %s", run_dir, ", ".join(f"{g['label']}: n={g['n_users']} ndcg@50="
-                                                            f"{g['test'].get('ndcg@50', float('nan')):.4f}"
-                                                            for g in res["groups"]))
+        with StopSignals():  # inside the try: a signal at any point is caught below
+            for opt, v in (("--seeds", a.seeds), ("--processes", a.processes), ("--trials", a.trials)):
+                if v < 1:
+                    raise ConfigError(f"{opt} = {v}: must be >= 1")
+            if a.epochs is not None and a.epochs < 1:
+                raise ConfigError(f"--epochs = {a.epochs}: must be >= 1")
+            exp = Experiment(a.name, config, data_sets + list(a.set), a.seeds, a.processes, Path(a.out), a.epochs,
+                             label=label)
+            exp.resolved(list(a.set))  # validate the base config before anything runs
+            if a.name == "search":
+                if not a.space:
+                    raise ConfigError("search needs --space FILE (a TOML [space] table)")
+                failed = run_search(exp, a.space, a.trials)
+            else:
+                failed = run_grid(exp, grid(a.name))
+                if a.name == "sparsity":
+                    for s in range(exp.seeds):
+                        run_dir = exp.dir / "mbssl" / f"seed{s}"
+                        if run_status(run_dir) == "FINISHED":
+                            res = sparsity_metrics(run_dir)
+                            log.info("%s: %s", run_dir, ", ".join(f"{g['label']}: n={g['n_users']} ndcg@50="
+                                                                f"{g['test'].get('ndcg@50', float('nan')):.4f}"
+                                                                for g in res["groups"]))
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -736,8 +765,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("interrupted by %s: the running point was stopped (recorded KILLED; rerun the same "
                   "command to continue the grid)", signal.Signals(signum).name)
         return 128 + signum
-    finally:
-        signals.restore()
     return 1 if failed else 0
 
 
