@@ -71,12 +71,20 @@ class PopularityScorer:
 
 class AuxPopularityScorer:
     """Auxiliary-behavior items of the user (closest behavior first), then popularity.
-    ``within`` (non-negative, per item) replaces popularity as the order inside each level
-    (``tools/split_shift.py`` orders by conversion rate)."""
+    ``within`` (finite, non-negative, per item) replaces popularity as the order inside each
+    auxiliary level; the items in no auxiliary behavior keep the popularity order
+    (``tools/split_shift.py`` orders the levels by conversion rate)."""
 
     def __init__(self, ds, device: torch.device | str = "cpu", within: np.ndarray | None = None):
-        pop = (item_popularity(ds) if within is None else np.asarray(within)).astype(np.float64)
+        pop = item_popularity(ds).astype(np.float64)
         self.pop = torch.from_numpy(pop / (pop.max(initial=0.0) + 1.0)).to(device)
+        if within is None:
+            self.within = self.pop
+        else:
+            w = np.asarray(within, dtype=np.float64)
+            if w.shape != (ds.n_items,) or not np.isfinite(w).all() or (w < 0).any():
+                raise ValueError(f"within: need {ds.n_items} finite non-negative values, got shape {w.shape}")
+            self.within = torch.from_numpy(w / (w.max(initial=0.0) + 1.0)).to(device)
         # level matrix: 1 + max aux behavior index, as a CSR (0 = absent)
         level = sp.csr_matrix((ds.n_users, ds.n_items), dtype=np.float64)
         for k in range(ds.n_behaviors - 1):
@@ -93,7 +101,7 @@ class AuxPopularityScorer:
         out = self.pop.unsqueeze(0).repeat(len(u), 1)
         rows = torch.from_numpy(np.repeat(np.arange(len(u)), np.diff(sub.indptr))).to(out.device)
         cols = torch.from_numpy(sub.indices.astype(np.int64)).to(out.device)
-        out[rows, cols] += torch.from_numpy(sub.data).to(out.device)
+        out[rows, cols] = self.within[cols] + torch.from_numpy(sub.data).to(out.device)
         return out
 
 

@@ -283,7 +283,7 @@ def sparsity_section(runs: list[Run], out: Path) -> tuple[list[str], Path | None
     for r in runs:
         try:
             docs.append(json.loads((r.dir / "sparsity.json").read_text()))
-            names.append(r.seed)
+            names.append(f"{r.point}/{r.seed}")
         except (OSError, ValueError):
             pass
     if not docs:
@@ -292,10 +292,12 @@ def sparsity_section(runs: list[Run], out: Path) -> tuple[list[str], Path | None
     keep = [[g["label"] for g in d["groups"]] == labels for d in docs]
     same = [d for d, k in zip(docs, keep) if k]
     metrics = [m for m in METRIC_ORDER if m in docs[0]["groups"][0]["test"]] if labels else []
-    models = ", ".join(f"{n}: {d.get('source', '?')} epoch {d.get('epoch')}" for n, d, k in zip(names, docs, keep) if k)
+    kinds = {"model": "best-validation model", "checkpoint": "last checkpoint"}
+    models = "; ".join(f"{n}: {kinds.get(d.get('source'), d.get('source', '?'))}, epoch {d.get('epoch')}"
+                       for n, d, k in zip(names, docs, keep) if k)
     other = [n for n, k in zip(names, keep) if not k]
     lines = ["## Per user group by training purchases (sparsity)", "",
-             f"{docs[0]['grouping']}; {len(same)} run(s), each its best-validation model ({models})"
+             f"{docs[0]['grouping']}; {len(same)} run(s), scored with ({models})"
              + (f"; left out, grouped otherwise: {', '.join(other)}" if other else "") + ".", "",
              "| purchases | test users | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     stats = []

@@ -369,7 +369,7 @@ def test_sparsity_metrics_of_the_trained_model(env):
         assert g["test"]["ndcg@50"] == pytest.approx(float(np.mean(per_user)), rel=1e-9)
     rep = R.write_report([str(tmp / "exps" / "sparsity")], tmp / "rep")
     assert "## Per user group" in rep.read_text() and (tmp / "rep" / "sparsity.png").is_file()
-    assert f"seed0: model epoch {final['best_epoch']}" in rep.read_text()  # each run's model is named
+    assert f"mbssl/seed0: best-validation model, epoch {final['best_epoch']}" in rep.read_text()  # each run's model is named
 
     shutil.rmtree(run_dir / "model")
     res = E.sparsity_metrics(run_dir)

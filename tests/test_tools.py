@@ -206,7 +206,8 @@ def test_hits_by_aux_against_the_evaluator(tmp_path):
 
 def test_split_shift_against_brute_force(tmp_path):
     """The held-out item statistics equal a pair-by-pair loop; aux-popularity's row is the
-    evaluator's baseline figure; aux-conversion (AuxPopularityScorer with ``within``) orders a level by the brute-force rate."""
+    evaluator's baseline figure; aux-conversion (AuxPopularityScorer with ``within``) orders the
+    cart level by the brute-force rate and leaves the items in no auxiliary behavior by popularity."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "tools"))
@@ -239,13 +240,23 @@ def test_split_shift_against_brute_force(tmp_path):
     want = run_baselines(ds, ["aux_popularity"], ks=(5,))["aux_popularity"]
     for ph in ("valid", "test"):
         assert rm["aux-popularity"][ph]["recall@5"] == pytest.approx(want[ph]["recall@5"], abs=1e-12)
-    u = int(ds.test_user[0])
+    import torch
+
     from mbssl_dist.baselines import AuxPopularityScorer
 
-    score = AuxPopularityScorer(ds, within=np.asarray(conv))(__import__("torch").tensor([u]))[0].numpy()
+    u = max(range(ds.n_users), key=lambda v: sum(1 for w, _ in cart if w == v))  # the most carted items
     mine = sorted(i for v, i in cart if v == u)
-    assert all(score[i] >= 2.0 for i in mine) and all(score[i] < 2.0 for i in range(ds.n_items) if (u, i) not in cart)
-    assert sorted(mine, key=lambda i: (-score[i], i)) == sorted(mine, key=lambda i: (-conv[i], i))
+    by_conv = sorted(mine, key=lambda i: (-conv[i], i))
+    assert by_conv != sorted(mine, key=lambda i: (-buys[i], i))  # else the check below could not fail
+    score = AuxPopularityScorer(ds, within=np.asarray(conv))(torch.tensor([u]))[0].numpy()
+    top = float(K - 1)  # the closest behavior's level
+    assert all(score[i] >= top for i in mine) and all(score[i] < top for i in range(ds.n_items) if (u, i) not in cart)
+    assert sorted(mine, key=lambda i: (-score[i], i)) == by_conv
+    aux_items = {i for k in range(K - 1) for v, i in zip(*(x.tolist() for x in ds.pairs(k))) if v == u}
+    rest = [i for i in range(ds.n_items) if i not in aux_items]  # in no auxiliary behavior: by popularity
+    assert sorted(rest, key=lambda i: (-score[i], i)) == sorted(rest, key=lambda i: (-buys[i], i))
+    with pytest.raises(ValueError, match="within"):
+        AuxPopularityScorer(ds, within=-np.ones(ds.n_items))
 
 
 @pytest.mark.parametrize("cmd", [["tools/hits_by_aux.py", "--data", "NOPE", "--recs", "r.parquet"],

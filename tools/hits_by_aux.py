@@ -69,6 +69,7 @@ def main(argv=None) -> int:
         print(f"hits_by_aux: {a.recs} holds fewer than --k {a.k} items per user", file=sys.stderr)
         return 2
     tu, ti = ds.test_user.astype(np.int64), ds.test_item.astype(np.int64)
+
     def key(u, i):  # the evaluator's (user, item) pair keys
         return pair_keys(np.asarray(u), np.asarray(i), n)
 

@@ -16,9 +16,10 @@ validation rewards need not carry over to test. This prints, per held-out set:
 
 and Recall@K / NDCG@K (the evaluator, its masks) of three rules that differ only in how they
 order: popularity; aux-popularity (``baselines.AuxPopularityScorer``: the user's auxiliary items
-first, closest behavior first, each level by buy popularity); and aux-conversion (the same levels,
-each ordered by that conversion instead). If aux-conversion wins on validation and loses on
-test, model selection on validation favors an ordering the test set punishes.
+first, closest behavior first, each level by buy popularity, then the rest by popularity); and
+aux-conversion (the same, with each auxiliary level ordered by that conversion instead; the rest
+still by popularity). If aux-conversion wins on validation and loses on test, model selection on
+validation favors an ordering of the user's auxiliary items that the test set punishes.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def shift_stats(ds, prior: float = 5.0) -> dict[str, dict[str, float]]:
 def rule_metrics(ds, k: int, prior: float = 5.0) -> dict[str, dict[str, dict[str, float]]]:
     """{rule: {phase: evaluator metrics}} for popularity, aux-popularity and aux-conversion."""
     from mbssl_dist.baselines import AuxPopularityScorer, PopularityScorer
-    from mbssl_dist.evaluate import eval_masks, evaluate, heldout_sets
+    from mbssl_dist.evaluate import eval_masks, eval_split, evaluate, heldout_sets
 
     rules = {"popularity": PopularityScorer(ds), "aux-popularity": AuxPopularityScorer(ds),
              "aux-conversion": AuxPopularityScorer(ds, within=conversion(ds, prior))}
@@ -76,8 +77,8 @@ def rule_metrics(ds, k: int, prior: float = 5.0) -> dict[str, dict[str, dict[str
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, score in rules.items():
         for ph in held:
-            users = torch.from_numpy(np.unique(sp.coo_matrix(held[ph]).row).astype(np.int64))
-            out.setdefault(name, {})[ph] = evaluate(score, users, held[ph], masks[ph], ks=(k,))
+            users, h, mask = eval_split(ds, ph, masks, held)
+            out.setdefault(name, {})[ph] = evaluate(score, torch.from_numpy(users.astype(np.int64)), h, mask, ks=(k,))
     return out
 
 
@@ -87,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--prior", type=float, default=5.0, help="smoothing weight of the conversion rate")
     a = ap.parse_args(argv)
+    if a.k < 1 or not a.prior > 0:
+        ap.error(f"--k must be >= 1 and --prior > 0 (got --k {a.k}, --prior {a.prior})")
     from mbssl_dist.data import DataError, load_prepared
 
     torch.set_num_threads(1)
