@@ -380,6 +380,10 @@ def run_grid(exp: Experiment, points: list[Point]) -> int:
                     rc = proc.wait()
                 except BaseException:
                     stop(proc)
+                    if proc.returncode is not None and proc.returncode < 0:  # died of the signal itself
+                        log.warning("%s: stopped by %s during its start-up, before the trainer could record "
+                                    "anything: this attempt left no record, and the same command starts it again",
+                                    run_name, signal.Signals(-proc.returncode).name)
                     raise
                 ran += 1
                 if rc != 0 or run_status(run_dir) != "FINISHED":

@@ -272,6 +272,24 @@ def test_repeated_signals_while_the_runner_stops_a_point_are_held(caplog):
             time.sleep(5)
 
 
+def test_a_point_stopped_during_its_start_up_says_it_left_no_record(env, monkeypatch, caplog):
+    """A SIGTERM that kills the child before the trainer installs its handlers (it dies of the
+    signal, no run directory) is named in the runner's log, not passed over in silence."""
+    import signal
+
+    def no_trainer_yet(*_a, **_k):  # a child still importing: the default SIGTERM action kills it
+        _send_later((0.5, signal.SIGTERM))  # to the runner, once the child is there
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+
+    monkeypatch.setattr(E, "start_training", no_trainer_yet)
+    exp = E.Experiment("ablation", None, base_sets(env, mlflow=False), seeds=1, processes=1, out=env / "exps")
+    with E.StopSignals():
+        with pytest.raises(E.Terminated):
+            E.run_grid(exp, [E.Point("full", [])])
+    assert "full/seed0: stopped by SIGTERM during its start-up" in caplog.text
+    assert not (env / "exps" / "ablation" / "full" / "seed0" / "final.json").exists()
+
+
 def test_optuna_search_resumes_from_its_sqlite_study(env):
     import optuna
 
