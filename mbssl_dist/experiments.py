@@ -49,6 +49,7 @@ from .config import (Config, ConfigError, apply_overrides, from_dict, load_confi
                      resolve_against_data)
 from .data.errors import DataError
 from .utils.io import atomic_write_json
+from .utils.signals import HandleStopSignals
 
 log = logging.getLogger("mbssl_dist.experiments")
 
@@ -226,22 +227,9 @@ def _on_signal(signum, _frame) -> None:
     _raise_for(signum)
 
 
-class StopSignals:
-    """Installs ``_on_signal`` for SIGTERM and SIGINT (not for a SIGINT the runner inherited
-    ignored, as a shell's ``cmd &`` does) and puts the previous handlers back."""
-
-    def __enter__(self) -> StopSignals:
-        self.old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
-                continue
-            prev = signal.signal(sig, _on_signal)
-            self.old[sig] = signal.SIG_DFL if prev is None else prev
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
+def StopSignals() -> HandleStopSignals:
+    """The runner's handlers for a ``with`` block (a SIGINT it inherited ignored stays ignored)."""
+    return HandleStopSignals(_on_signal, keep_ignored_sigint=True)
 
 
 def ending_status(e: BaseException) -> str:

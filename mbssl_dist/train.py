@@ -45,6 +45,7 @@ from .tracking import RunLogger, git_commit
 from .training import CheckpointError, CheckpointManager, EvalHistory, NonFiniteLossError, TrainStep, build_batch
 from .training.checkpoint import ShardedRows, describe_tensors, load_state_tensors, state_tensors
 from .utils.seeding import make_generator
+from .utils.signals import HandleStopSignals
 
 log = logging.getLogger("mbssl_dist.train")
 
@@ -398,96 +399,93 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     progress = cfg.run.progress and comm.is_main
     every_steps = cfg.checkpoint.every_steps
     _SIGNALS.clear()
-    old_handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for epoch in range(start_epoch, tc.epochs):
-            if history.should_stop():
-                break
-            state.epoch = epoch
-            t0 = time.time()
-            views = None
-            if cfg.loss.use_intra:
-                views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, tc.seed, epoch, comm,
-                                     cfg.model.norm, run.dtype, device)
-            perm = epoch_permutation(U, tc.seed, epoch)
-            first = start_batch if epoch == start_epoch else 0
-            results = list(partial) if epoch == start_epoch else []
-            bar = range(first, n_batches)
-            if progress:
-                bar = tqdm(bar, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, initial=first,
-                           total=n_batches)
-            for b in bar:
-                batch = run.batch(perm[b * B:(b + 1) * B])
-                try:
-                    res = step(batch, adjs, views)
-                except NonFiniteLossError as e:
-                    msg = f"non-finite loss in task {e.task!r} at epoch {epoch}, step {b} (global step {state.step})"
-                    log.error("%s: %s; stopping", msg, e.value)
-                    logger.record({"kind": "error", "epoch": epoch, "step": b, "task": e.task, "message": msg})
-                    logger.finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, status="FAILED")
-                    return 3
-                results.append({"losses": res.losses, "hmg": {"aux_tasks": res.hmg.get("aux_tasks", []),
-                                                              "aux": res.hmg.get("aux", []),
-                                                              "aux_total_bound": res.hmg.get("aux_total_bound")}})
-                if progress:
-                    bar.set_postfix(rec=f"{res.losses['rec']:.4g}")
-                if every_steps and state.step % every_steps == 0 and b + 1 < n_batches:
-                    save_checkpoint(epoch, b + 1, results)
-            rec = {"kind": "epoch", "epoch": epoch, "steps": len(results), "lr": state.lr}
-            timing = {"seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb()}
-            if device.type == "cuda":
-                timing["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-            rec.update(mean_stats(results))
-            logger.record(rec, step=epoch, timing=timing)
-            log.info("epoch %d: %.1fs, %s", epoch, timing["seconds"],
-                     ", ".join(f"{k[5:]}={v:.4g}" for k, v in rec.items() if k.startswith("loss/")))
-
-            last = epoch == tc.epochs - 1
-            if (epoch + 1) % tc.eval_every == 0 or last:
-                t1 = time.time()
-                try:
-                    res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
-                except NonFiniteScoresError:
-                    msg = (f"non-finite scores at the evaluation after epoch {epoch} (global step {state.step}): "
-                           f"the parameters diverged; lower train.lr")
-                    log.error("%s; stopping", msg)
-                    logger.record({"kind": "error", "epoch": epoch, "step": None, "task": "evaluation",
-                                   "message": msg})
-                    logger.finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, status="FAILED")
-                    return 3
-                eval_seconds = round(time.time() - t1, 3)
-                for ph in ("valid", "test"):
-                    logger.record({"kind": ph, "epoch": epoch, **res[ph]}, step=epoch,
-                                  timing={"eval_seconds": eval_seconds} if ph == "valid" else None)
-                scores = {ph: {k: v for k, v in res[ph].items() if k != "n_users"} for ph in ("valid", "test")}
-                improved = history.add(epoch, scores["valid"], scores["test"])
-                if improved:  # the best-validation model -> runs/NAME/model (collective)
-                    save_model(run_dir / "model", run, cfg, ds, comm, history.rows[-1])
-                log.info("epoch %d valid: %s | test: %s%s | eval %.1fs beside the epoch's %.1fs", epoch,
-                         " ".join(f"{k}={v:.4f}" for k, v in scores["valid"].items()),
-                         " ".join(f"{k}={v:.4f}" for k, v in scores["test"].items()), " *" if improved else "",
-                         eval_seconds, timing["seconds"])
-                if state.after_evaluation(scores["valid"][tc.select_metric]):
-                    log.info("learning rate lowered to %.3g after %d evaluations without a validation improvement",
-                             state.lr, tc.lr_patience)
+    with HandleStopSignals(_raise_interrupted):  # restored when the block ends, however it ends
+        try:
+            for epoch in range(start_epoch, tc.epochs):
                 if history.should_stop():
-                    log.info("early stop: no validation improvement in %d evaluations", history.bad)
-            every = cfg.checkpoint.every_epochs
-            if (every and (epoch + 1) % every == 0) or history.should_stop() or last:
-                save_checkpoint(epoch + 1, 0, [])
-    except BaseException as e:
-        if isinstance(e, RunInterrupted) or _SIGNALS:  # also when e.g. MLflow wrapped our RunInterrupted
-            signum = e.signum if isinstance(e, RunInterrupted) else _SIGNALS[-1]
-            msg = f"interrupted by {signal.Signals(signum).name}"
-            log.error("%s at epoch %d, global step %d; recorded as KILLED", msg, state.epoch, state.step)
-            logger.finish({"error": msg, "exit_code": 128 + signum, "evaluations": history.rows}, status="KILLED")
-            return 128 + signum
-        logger.finish({"error": f"{type(e).__name__}: {e}", "exit_code": 1, "evaluations": history.rows},
-                      status="FAILED")
-        raise
-    finally:
-        for sig, h in old_handlers.items():
-            signal.signal(sig, h)
+                    break
+                state.epoch = epoch
+                t0 = time.time()
+                views = None
+                if cfg.loss.use_intra:
+                    views = target_views(part, cfg.loss.intra_view, cfg.loss.intra_dropout, tc.seed, epoch, comm,
+                                         cfg.model.norm, run.dtype, device)
+                perm = epoch_permutation(U, tc.seed, epoch)
+                first = start_batch if epoch == start_epoch else 0
+                results = list(partial) if epoch == start_epoch else []
+                bar = range(first, n_batches)
+                if progress:
+                    bar = tqdm(bar, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, initial=first,
+                               total=n_batches)
+                for b in bar:
+                    batch = run.batch(perm[b * B:(b + 1) * B])
+                    try:
+                        res = step(batch, adjs, views)
+                    except NonFiniteLossError as e:
+                        msg = f"non-finite loss in task {e.task!r} at epoch {epoch}, step {b} (global step {state.step})"
+                        log.error("%s: %s; stopping", msg, e.value)
+                        logger.record({"kind": "error", "epoch": epoch, "step": b, "task": e.task, "message": msg})
+                        logger.finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, status="FAILED")
+                        return 3
+                    results.append({"losses": res.losses, "hmg": {"aux_tasks": res.hmg.get("aux_tasks", []),
+                                                                  "aux": res.hmg.get("aux", []),
+                                                                  "aux_total_bound": res.hmg.get("aux_total_bound")}})
+                    if progress:
+                        bar.set_postfix(rec=f"{res.losses['rec']:.4g}")
+                    if every_steps and state.step % every_steps == 0 and b + 1 < n_batches:
+                        save_checkpoint(epoch, b + 1, results)
+                rec = {"kind": "epoch", "epoch": epoch, "steps": len(results), "lr": state.lr}
+                timing = {"seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb()}
+                if device.type == "cuda":
+                    timing["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                rec.update(mean_stats(results))
+                logger.record(rec, step=epoch, timing=timing)
+                log.info("epoch %d: %.1fs, %s", epoch, timing["seconds"],
+                         ", ".join(f"{k[5:]}={v:.4g}" for k, v in rec.items() if k.startswith("loss/")))
+
+                last = epoch == tc.epochs - 1
+                if (epoch + 1) % tc.eval_every == 0 or last:
+                    t1 = time.time()
+                    try:
+                        res = evaluator(model, adjs, comm, user_items=run.user_items, progress=progress)
+                    except NonFiniteScoresError:
+                        msg = (f"non-finite scores at the evaluation after epoch {epoch} (global step {state.step}): "
+                               f"the parameters diverged; lower train.lr")
+                        log.error("%s; stopping", msg)
+                        logger.record({"kind": "error", "epoch": epoch, "step": None, "task": "evaluation",
+                                       "message": msg})
+                        logger.finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, status="FAILED")
+                        return 3
+                    eval_seconds = round(time.time() - t1, 3)
+                    for ph in ("valid", "test"):
+                        logger.record({"kind": ph, "epoch": epoch, **res[ph]}, step=epoch,
+                                      timing={"eval_seconds": eval_seconds} if ph == "valid" else None)
+                    scores = {ph: {k: v for k, v in res[ph].items() if k != "n_users"} for ph in ("valid", "test")}
+                    improved = history.add(epoch, scores["valid"], scores["test"])
+                    if improved:  # the best-validation model -> runs/NAME/model (collective)
+                        save_model(run_dir / "model", run, cfg, ds, comm, history.rows[-1])
+                    log.info("epoch %d valid: %s | test: %s%s | eval %.1fs beside the epoch's %.1fs", epoch,
+                             " ".join(f"{k}={v:.4f}" for k, v in scores["valid"].items()),
+                             " ".join(f"{k}={v:.4f}" for k, v in scores["test"].items()), " *" if improved else "",
+                             eval_seconds, timing["seconds"])
+                    if state.after_evaluation(scores["valid"][tc.select_metric]):
+                        log.info("learning rate lowered to %.3g after %d evaluations without a validation improvement",
+                                 state.lr, tc.lr_patience)
+                    if history.should_stop():
+                        log.info("early stop: no validation improvement in %d evaluations", history.bad)
+                every = cfg.checkpoint.every_epochs
+                if (every and (epoch + 1) % every == 0) or history.should_stop() or last:
+                    save_checkpoint(epoch + 1, 0, [])
+        except BaseException as e:
+            if isinstance(e, RunInterrupted) or _SIGNALS:  # also when e.g. MLflow wrapped our RunInterrupted
+                signum = e.signum if isinstance(e, RunInterrupted) else _SIGNALS[-1]
+                msg = f"interrupted by {signal.Signals(signum).name}"
+                log.error("%s at epoch %d, global step %d; recorded as KILLED", msg, state.epoch, state.step)
+                logger.finish({"error": msg, "exit_code": 128 + signum, "evaluations": history.rows}, status="KILLED")
+                return 128 + signum
+            logger.finish({"error": f"{type(e).__name__}: {e}", "exit_code": 1, "evaluations": history.rows},
+                          status="FAILED")
+            raise
 
     # 7. final report: test at the best validation epoch; the reference protocol separately
     best, ref = history.best, history.reference_best
