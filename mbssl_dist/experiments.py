@@ -746,9 +746,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         run_dir = exp.dir / "mbssl" / f"seed{s}"
                         if run_status(run_dir) == "FINISHED":
                             res = sparsity_metrics(run_dir)
-                            log.info("%s: %s", run_dir, ", ".join(f"{g['label']}: n={g['n_users']} ndcg@50="
-                                                                f"{g['test'].get('ndcg@50', float('nan')):.4f}"
-                                                                for g in res["groups"]))
+                            log.info("%s: test metrics of %d user groups in sparsity.json (tabulated by "
+                                     "python -m mbssl_dist.report %s)", run_dir, len(res["groups"]), exp.dir)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -227,7 +227,7 @@ def test_split_shift_against_brute_force(tmp_path):
     conv = [(sum(1 for p in cart if p[1] == i and p in buy) + 5 * rate) / (sum(1 for p in cart if p[1] == i) + 5)
             for i in range(ds.n_items)]
     assert S.conversion(ds, 5.0) == pytest.approx(conv, rel=1e-12)
-    st = S.shift_stats(ds, 5.0)
+    st = S.shift_stats(ds, np.asarray(conv))
     for ph, (us, it) in {"valid": (ds.valid_user, ds.valid_item), "test": (ds.test_user, ds.test_item)}.items():
         pairs = sorted(set(zip(us.tolist(), it.tolist())))
         in_aux = [p in cart for p in pairs]
@@ -236,7 +236,7 @@ def test_split_shift_against_brute_force(tmp_path):
         assert st[ph]["median_buys"] == np.median([buys[i] for _, i in pairs])
         assert st[ph]["conversion"] == pytest.approx(np.mean([conv[i] for _, i in pairs]))
         assert st[ph]["conversion_in_aux"] == pytest.approx(np.mean([conv[i] for (_, i), a in zip(pairs, in_aux) if a]))
-    rm = S.rule_metrics(ds, 5)
+    rm = S.rule_metrics(ds, 5, np.asarray(conv))
     want = run_baselines(ds, ["aux_popularity"], ks=(5,))["aux_popularity"]
     for ph in ("valid", "test"):
         assert rm["aux-popularity"][ph]["recall@5"] == pytest.approx(want[ph]["recall@5"], abs=1e-12)

@@ -44,14 +44,14 @@ def conversion(ds, prior: float) -> np.ndarray:
     return (n_both + prior * rate) / (n_aux + prior)
 
 
-def shift_stats(ds, prior: float = 5.0) -> dict[str, dict[str, float]]:
-    """Per held-out set ('valid', 'test'): the item statistics the module docstring lists."""
+def shift_stats(ds, conv: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per held-out set ('valid', 'test'): the item statistics the module docstring lists
+    (``conv``: ``conversion(ds, prior)``)."""
     from mbssl_dist.baselines import item_popularity
     from mbssl_dist.evaluate import heldout_sets
 
     K = ds.n_behaviors
     pop = item_popularity(ds).astype(np.float64)
-    conv = conversion(ds, prior)
     aux = ds.behavior_csr(K - 2, dtype=np.float64).tocsr()
     out = {}
     for ph, h in heldout_sets(ds).items():
@@ -66,13 +66,14 @@ def shift_stats(ds, prior: float = 5.0) -> dict[str, dict[str, float]]:
     return out
 
 
-def rule_metrics(ds, k: int, prior: float = 5.0) -> dict[str, dict[str, dict[str, float]]]:
-    """{rule: {phase: evaluator metrics}} for popularity, aux-popularity and aux-conversion."""
+def rule_metrics(ds, k: int, conv: np.ndarray) -> dict[str, dict[str, dict[str, float]]]:
+    """{rule: {phase: evaluator metrics}} for popularity, aux-popularity and aux-conversion
+    (each auxiliary level ordered by ``conv``)."""
     from mbssl_dist.baselines import AuxPopularityScorer, PopularityScorer
     from mbssl_dist.evaluate import eval_masks, eval_split, evaluate, heldout_sets
 
     rules = {"popularity": PopularityScorer(ds), "aux-popularity": AuxPopularityScorer(ds),
-             "aux-conversion": AuxPopularityScorer(ds, within=conversion(ds, prior))}
+             "aux-conversion": AuxPopularityScorer(ds, within=conv)}
     held, masks = heldout_sets(ds), eval_masks(ds)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, score in rules.items():
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
     if ds.n_behaviors < 2:
         print(f"split_shift: {a.data}: no auxiliary behavior", file=sys.stderr)
         return 2
-    st = shift_stats(ds, a.prior)
+    conv = conversion(ds, a.prior)
+    st = shift_stats(ds, conv)
     print(f"{a.data}: {ds.n_users} users x {ds.n_items} items; behaviors {', '.join(ds.behaviors)}; "
           f"closest auxiliary behavior: {ds.behaviors[-2]}\n")
     print("| held-out set | pairs | in closest aux | median buys of the item | mean log1p buys | "
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
     for ph, s in st.items():
         print(f"| {ph} | {s['pairs']:.0f} | {s['in_closest_aux']:.3f} | {s['median_buys']:.0f} | "
               f"{s['mean_log1p_buys']:.3f} | {s['conversion']:.4f} | {s['conversion_in_aux']:.4f} |")
-    rm = rule_metrics(ds, a.k, a.prior)
+    rm = rule_metrics(ds, a.k, conv)
     r, n = f"recall@{a.k}", f"ndcg@{a.k}"
     print(f"\n| rule | valid R@{a.k} | valid N@{a.k} | test R@{a.k} | test N@{a.k} |\n|---|---|---|---|---|")
     for name, m in rm.items():
