@@ -1,7 +1,11 @@
 """Epoch cost vs graph size, exact vs sampled InfoNCE negatives (issue #14 item 3).
 
-    .venv/bin/python tools/bench_scaling.py [--users 20000 40000 80000 160000] [--batch-size 1024] \
+    .venv/bin/python tools/bench_scaling.py [--users 20000 40000 80000 160000] [--batch-size 1024 | 0] \
         [--steps 2] [--threads 1] [--set loss.n_negatives=4096 ...]
+
+``--batch-size 0`` sizes each graph's batch like ``train.batch_size = 0`` (the built-in default:
+ceil(|U| / 16) rounded to 128, within 128-4096), so an epoch has ~16 steps until the 4096 cap
+(65,536 users) and the batch grows with |U|.
 
 Data: the synthetic generator (``mbssl_dist/data/synthetic.py``) at ``--base-users`` users
 (items = 0.75 x users, one cluster per 2,000 users, ``noise = 0``), then each size is that
@@ -13,11 +17,14 @@ Per (size, mode), interleaved (exact, sampled, exact, sampled ... over the sizes
 subprocess builds the trainer pieces like ``tools/bench_train.py`` (random false-negative tables
 of 10 per node), runs 1 untimed step and ``--steps`` timed steps and reports the mean step
 time, the part of it spent in the InfoNCE losses (their forward, plus the autograd of all task losses
-from TrainStep.timings, where the small rec part is included), the epoch time EXTRAPOLATED as views + ceil(|U| / batch) x mean step, and
-peak RSS. Printed: a table and the least-squares growth exponent of each column in |U|
-(time ~ |U|^k). Note: every step also runs one full-graph propagation, O(|E|) = O(|U|) per
-step at a fixed degree, so at a fixed batch size the epoch is O(|U|^2) in either mode; the
-sampled mode removes the O(|U|) InfoNCE term per step (its SSL time per step is flat).
+from TrainStep.timings, where the small rec part is included), the epoch time EXTRAPOLATED as
+views + ceil(|U| / batch) x mean step, and peak RSS. Printed: a table and the least-squares
+growth exponent of each column in |U| (time ~ |U|^k). Note: every step also runs one
+full-graph propagation, O(|E|) = O(|U|) per step at a fixed degree, so at a fixed batch size
+the epoch is O(|U|^2) in either mode; the sampled mode removes the O(|U|) InfoNCE term per step
+(its SSL time per step is flat at a fixed batch). With ``--batch-size 0`` the steps per epoch
+stay ~16, so the propagation costs O(|U|) per epoch, and what grows faster is the loss: exact
+O(batch x (|U| + |I|)) per step, sampled O(batch x (N + batch)) (the in-batch candidates).
 """
 
 from __future__ import annotations
@@ -111,10 +118,10 @@ def child(args) -> None:
         ssl.append(sum(v for k, v in step.timings.items() if k in SSL_PHASES))
         for k, v in step.timings.items():
             phases[k] = phases.get(k, 0.0) + v / args.steps
-    n_batches = math.ceil(ds.n_users / args.batch_size)
+    n_batches = math.ceil(ds.n_users / args.batch_size)  # the parent resolved --batch-size 0
     mean = sum(times) / len(times)
     print(json.dumps({"users": ds.n_users, "items": ds.n_items, "edges": int(len(ds.train_user)),
-                      "steps_per_epoch": n_batches, "step_s": mean, "ssl_s": sum(ssl) / len(ssl),
+                      "batch": args.batch_size, "steps_per_epoch": n_batches, "step_s": mean, "ssl_s": sum(ssl) / len(ssl),
                       "epoch_s": t_views + n_batches * mean, "phases": {k: round(v, 3) for k, v in phases.items()},
                       "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -129,7 +136,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", nargs="+", type=int, default=[20000, 40000, 80000, 160000])
     ap.add_argument("--base-users", type=int, default=20000, help="users of the generated graph that is tiled")
-    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=1024, help="0: per size, the train.batch_size = 0 rule")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration (extrapolated)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", nargs="+", default=["all", "sampled"], choices=["all", "sampled"])
@@ -151,8 +158,12 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs, batch {args.batch_size}, threads {args.threads}, "
-          f"sets {args.set}", flush=True)
+    if args.batch_size < 0:
+        ap.error(f"--batch-size must be >= 0 (0 = auto), got {args.batch_size}")
+    from mbssl_dist.config import auto_batch_size
+
+    print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs, batch {args.batch_size or 'auto'}, "
+          f"threads {args.threads}, sets {args.set}", flush=True)
     base = base_dataset(cache, args.base_users)
     data = {u: prepare(cache, base, u) for u in args.users}
     res: dict[str, list[dict]] = {m: [] for m in args.modes}
@@ -164,7 +175,7 @@ def main(argv=None) -> int:
                 print(f"{u:>8d} {'':>8s} {'':>9s} {mode:>8s} skipped (--exact-max-users {args.exact_max_users})")
                 continue
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--data", str(data[u]), "--mode", mode,
-                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads)]
+                   "--batch-size", str(auto_batch_size(args.batch_size, u)), "--steps", str(args.steps), "--threads", str(args.threads)]
             for s in args.set:
                 cmd += ["--set", s]
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -174,8 +185,8 @@ def main(argv=None) -> int:
             x = json.loads(r.stdout.strip().splitlines()[-1])
             res[mode].append(x)
             print(f"{x['users']:>8d} {x['items']:>8d} {x['edges']:>9d} {mode:>8s} {x['step_s']:>8.2f} "
-                  f"{x['ssl_s']:>10.2f} {x['epoch_s']:>9.1f} {x['maxrss_mib']:>7.0f}MB {os.getloadavg()[0]:.2f}  "
-                  f"phases/step {x['phases']}", flush=True)
+                  f"{x['ssl_s']:>10.2f} {x['epoch_s']:>9.1f} {x['maxrss_mib']:>7.0f}MB {os.getloadavg()[0]:.2f} "
+                  f"batch={x['batch']}x{x['steps_per_epoch']}  phases/step {x['phases']}", flush=True)
     summarize(res)
     print(f"load average {os.getloadavg()}")
     return 0
@@ -191,9 +202,10 @@ def from_log(path: str) -> dict[str, list[dict]]:
         if len(f) > 9 and f[3] in ("all", "sampled") and "phases/step" in line:
             ph = ast.literal_eval(line.split("phases/step ", 1)[1])
             u = int(f[0])
+            b = next((int(t[6:].split("x")[0]) for t in f if t.startswith("batch=")), 1024)  # older logs: 1024
             res.setdefault(f[3], []).append({"users": u, "step_s": float(f[4]), "ssl_s": float(f[5]),
                                              "epoch_s": float(f[6]), "maxrss_mib": float(f[7][:-2]), "phases": ph,
-                                             "steps_per_epoch": math.ceil(u / 1024)})
+                                             "batch": b, "steps_per_epoch": math.ceil(u / b)})
     return res
 
 
