@@ -255,6 +255,19 @@ def test_split_shift_against_brute_force(tmp_path):
     aux_items = {i for k in range(K - 1) for v, i in zip(*(x.tolist() for x in ds.pairs(k))) if v == u}
     rest = [i for i in range(ds.n_items) if i not in aux_items]  # in no auxiliary behavior: by popularity
     assert sorted(rest, key=lambda i: (-score[i], i)) == sorted(rest, key=lambda i: (-buys[i], i))
+    n_cart = [sum(1 for _, j in cart if j == i) for i in range(ds.n_items)]
+    assert S.closest_aux_count(ds).tolist() == n_cart
+    by_count = AuxPopularityScorer(ds, within=np.asarray(n_cart, dtype=float))(torch.tensor([u]))[0].numpy()
+    want_c = rm["aux-closest-count"]
+    assert sorted(mine, key=lambda i: (-n_cart[i], i)) != sorted(mine, key=lambda i: (-buys[i], i))
+    assert sorted(mine, key=lambda i: (-by_count[i], i)) == sorted(mine, key=lambda i: (-n_cart[i], i))
+    from mbssl_dist.evaluate import eval_split, evaluate
+
+    for ph in ("valid", "test"):  # the row is that scorer's (the tool's wiring)
+        users, h, mask = eval_split(ds, ph)
+        got = evaluate(AuxPopularityScorer(ds, within=np.asarray(n_cart, dtype=float)),
+                       torch.from_numpy(users), h, mask, ks=(5,))
+        assert want_c[ph]["recall@5"] == pytest.approx(got["recall@5"], abs=1e-12)
     with pytest.raises(ValueError, match="within"):
         AuxPopularityScorer(ds, within=-np.ones(ds.n_items))
 

@@ -14,11 +14,12 @@ validation rewards need not carry over to test. This prints, per held-out set:
   share who also bought it in training, smoothed toward the global rate with weight
   ``--prior`` (mean over pairs; and over the pairs in that behavior only);
 
-and Recall@K / NDCG@K (the evaluator, its masks) of three rules that differ only in how they
+and Recall@K / NDCG@K (the evaluator, its masks) of four rules that differ only in how they
 order: popularity; aux-popularity (``baselines.AuxPopularityScorer``: the user's auxiliary items
-first, closest behavior first, each level by buy popularity, then the rest by popularity); and
+first, closest behavior first, each level by buy popularity, then the rest by popularity);
 aux-conversion (the same, with each auxiliary level ordered by that conversion instead; the rest
-still by popularity). If aux-conversion wins on validation and loses on test, model selection on
+still by popularity); and aux-closest-count (each auxiliary level ordered by how many users have
+the item in the closest auxiliary behavior, e.g. cart popularity instead of buy popularity). If aux-conversion wins on validation and loses on test, model selection on
 validation favors an ordering of the user's auxiliary items that the test set punishes.
 """
 
@@ -44,6 +45,12 @@ def conversion(ds, prior: float) -> np.ndarray:
     return (n_both + prior * rate) / (n_aux + prior)
 
 
+def closest_aux_count(ds) -> np.ndarray:
+    """Per item: the number of users who have it in the closest auxiliary behavior."""
+    aux = ds.behavior_csr(ds.n_behaviors - 2, dtype=np.float64) > 0
+    return np.asarray(aux.sum(0), dtype=np.float64).ravel()
+
+
 def shift_stats(ds, conv: np.ndarray) -> dict[str, dict[str, float]]:
     """Per held-out set ('valid', 'test'): the item statistics the module docstring lists
     (``conv``: ``conversion(ds, prior)``)."""
@@ -67,13 +74,14 @@ def shift_stats(ds, conv: np.ndarray) -> dict[str, dict[str, float]]:
 
 
 def rule_metrics(ds, k: int, conv: np.ndarray) -> dict[str, dict[str, dict[str, float]]]:
-    """{rule: {phase: evaluator metrics}} for popularity, aux-popularity and aux-conversion
-    (each auxiliary level ordered by ``conv``)."""
+    """{rule: {phase: evaluator metrics}} for popularity, aux-popularity, aux-conversion (each
+    auxiliary level ordered by ``conv``) and aux-closest-count."""
     from mbssl_dist.baselines import AuxPopularityScorer, PopularityScorer
     from mbssl_dist.evaluate import eval_masks, eval_split, evaluate, heldout_sets
 
     rules = {"popularity": PopularityScorer(ds), "aux-popularity": AuxPopularityScorer(ds),
-             "aux-conversion": AuxPopularityScorer(ds, within=conv)}
+             "aux-conversion": AuxPopularityScorer(ds, within=conv),
+             "aux-closest-count": AuxPopularityScorer(ds, within=closest_aux_count(ds))}
     held, masks = heldout_sets(ds), eval_masks(ds)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, score in rules.items():
