@@ -73,7 +73,7 @@ class AuxPopularityScorer:
     """Auxiliary-behavior items of the user (closest behavior first), then popularity.
     ``within`` (finite, non-negative, per item) replaces popularity as the order inside each
     auxiliary level; the items in no auxiliary behavior keep the popularity order
-    (``tools/split_shift.py`` orders the levels by conversion rate)."""
+    (``tools/split_shift.py`` orders the levels by conversion rate and by cart count)."""
 
     def __init__(self, ds, device: torch.device | str = "cpu", within: np.ndarray | None = None):
         pop = item_popularity(ds).astype(np.float64)

@@ -29,11 +29,22 @@ def test_handler_inside_the_block_previous_one_after(saved_handlers):
         pass
 
     signal.signal(signal.SIGTERM, mine)
+    before_int = signal.getsignal(signal.SIGINT)
     with HandleStopSignals(_raise):
         with pytest.raises(Caught):
             os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is mine
-    assert signal.getsignal(signal.SIGINT) is not _raise
+    assert signal.getsignal(signal.SIGINT) is before_int
+
+
+def test_handlers_are_restored_when_an_exception_leaves_the_block(saved_handlers):
+    """The trainer relies on this: its loop returns or raises from inside the block."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(ZeroDivisionError):
+        with HandleStopSignals(_raise):
+            assert signal.getsignal(signal.SIGTERM) is _raise
+            1 / 0
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_an_inherited_ignored_sigint_is_kept_only_when_asked(saved_handlers):

@@ -296,8 +296,8 @@ def test_hmg_first_step_runs_and_refuses_a_used_out(tmp_path):
 
 
 def test_bench_scaling_auto_batch_sizes_each_graph_and_its_log_reads_back(tmp_path):
-    """--batch-size 0 gives each size the train.batch_size = 0 batch (~16 steps per epoch) and
-    the epoch extrapolates over those steps; --from-log reads the batch back (older logs: 1024)."""
+    """--batch-size 0 gives each size the train.batch_size = 0 batch (~16 steps per epoch; 128 is
+    its floor, so 1,000 users get 8 steps); --from-log reads the batch back (older logs: 1024)."""
     log = tmp_path / "out.log"
     p = subprocess.run([sys.executable, "tools/bench_scaling.py", "--base-users", "1000", "--users", "1000", "2000",
                         "--batch-size", "0", "--steps", "1", "--modes", "sampled", "--cache", str(tmp_path / "c"),
@@ -306,8 +306,6 @@ def test_bench_scaling_auto_batch_sizes_each_graph_and_its_log_reads_back(tmp_pa
     log.write_text(p.stdout)
     rows = [ln.split() for ln in p.stdout.splitlines() if "phases/step" in ln]
     assert [(r[0], r[9]) for r in rows] == [("1000", "batch=128x8"), ("2000", "batch=128x16")]
-    for r in rows:  # epoch = views + steps x step: at least the steps (both printed rounded)
-        assert float(r[6]) + 0.05 >= int(r[9].split("x")[1]) * (float(r[4]) - 0.005)
     old = tmp_path / "old.log"  # the pre-auto format, without the batch column
     old.write_text("\n".join(" ".join(r[:9]) + "  phases/step {'loss/intra': 0.1}" for r in rows))
     sys.path.insert(0, str(ROOT / "tools"))

@@ -19,8 +19,10 @@ order: popularity; aux-popularity (``baselines.AuxPopularityScorer``: the user's
 first, closest behavior first, each level by buy popularity, then the rest by popularity);
 aux-conversion (the same, with each auxiliary level ordered by that conversion instead; the rest
 still by popularity); and aux-closest-count (each auxiliary level ordered by how many users have
-the item in the closest auxiliary behavior, e.g. cart popularity instead of buy popularity). If aux-conversion wins on validation and loses on test, model selection on
-validation favors an ordering of the user's auxiliary items that the test set punishes.
+the item in the closest auxiliary behavior, e.g. cart popularity instead of buy popularity; equal
+counts by item id, so on a view level most items tie at 0). If aux-conversion wins on validation
+and loses on test, model selection on validation favors an ordering of the user's auxiliary
+items that the test set punishes.
 """
 
 from __future__ import annotations
