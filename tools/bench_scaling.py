@@ -121,7 +121,8 @@ def child(args) -> None:
     n_batches = math.ceil(ds.n_users / args.batch_size)  # the parent resolved --batch-size 0
     mean = sum(times) / len(times)
     print(json.dumps({"users": ds.n_users, "items": ds.n_items, "edges": int(len(ds.train_user)),
-                      "batch": args.batch_size, "steps_per_epoch": n_batches, "step_s": mean, "ssl_s": sum(ssl) / len(ssl),
+                      "batch": args.batch_size, "steps_per_epoch": n_batches, "step_s": mean,
+                      "ssl_s": sum(ssl) / len(ssl),
                       "epoch_s": t_views + n_batches * mean, "phases": {k: round(v, 3) for k, v in phases.items()},
                       "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -175,7 +176,8 @@ def main(argv=None) -> int:
                 print(f"{u:>8d} {'':>8s} {'':>9s} {mode:>8s} skipped (--exact-max-users {args.exact_max_users})")
                 continue
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--data", str(data[u]), "--mode", mode,
-                   "--batch-size", str(auto_batch_size(args.batch_size, u)), "--steps", str(args.steps), "--threads", str(args.threads)]
+                   "--batch-size", str(auto_batch_size(args.batch_size, u)), "--steps", str(args.steps),
+                   "--threads", str(args.threads)]
             for s in args.set:
                 cmd += ["--set", s]
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

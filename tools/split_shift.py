@@ -35,22 +35,22 @@ import scipy.sparse as sp
 import torch
 
 
+def closest_aux_count(ds) -> np.ndarray:
+    """Per item: the number of users who have it in the closest auxiliary behavior."""
+    aux = ds.behavior_csr(ds.n_behaviors - 2, dtype=np.float64) > 0
+    return np.asarray(aux.sum(0), dtype=np.float64).ravel()
+
+
 def conversion(ds, prior: float) -> np.ndarray:
     """Per item: (#users with it in the closest aux behavior who bought it in training + prior *
     global rate) / (#users with it in that behavior + prior)."""
     K = ds.n_behaviors
     aux = (ds.behavior_csr(K - 2, dtype=np.float64) > 0).astype(np.float64)
     buy = (ds.behavior_csr(K - 1, dtype=np.float64) > 0).astype(np.float64)
-    n_aux = np.asarray(aux.sum(0)).ravel()
+    n_aux = closest_aux_count(ds)
     n_both = np.asarray(aux.multiply(buy).sum(0)).ravel()
     rate = n_both.sum() / max(n_aux.sum(), 1.0)
     return (n_both + prior * rate) / (n_aux + prior)
-
-
-def closest_aux_count(ds) -> np.ndarray:
-    """Per item: the number of users who have it in the closest auxiliary behavior."""
-    aux = ds.behavior_csr(ds.n_behaviors - 2, dtype=np.float64) > 0
-    return np.asarray(aux.sum(0), dtype=np.float64).ravel()
 
 
 def shift_stats(ds, conv: np.ndarray) -> dict[str, dict[str, float]]:
