@@ -153,6 +153,11 @@ class LossConfig:
     probability; ``control_variate`` = the same plus the linear part of every term taken
     exactly over all candidates (one O(|C|·d) pass per step; lower variance; needs
     fn_mode = "remove")."""
+    in_batch_negatives: bool = True
+    """With negatives = "sampled": also score every anchor against the whole batch's positives
+    (π = 1). ``false``: only its own positive plus the sample, so a step costs O(batch·N·d)
+    instead of O(batch·(N + batch)·d) -- linear in the batch, which ``train.batch_size = 0``
+    grows with |U|. Needs fn_mode = "remove"."""
     view_propagation: Literal["target", "full"] = "target"
     """Intra-SSL views: propagate only the target behavior over each view, reusing the main
     pass's auxiliary messages (fast), or a full K-behavior propagation per view (authors' code)."""
@@ -471,6 +476,8 @@ def validate(cfg: Config) -> None:
     if lo.negatives == "sampled" and lo.negative_estimator == "control_variate" and lo.fn_mode != "remove":
         raise ConfigError("loss.negative_estimator = 'control_variate' (the default) needs loss.fn_mode = 'remove'; "
                           "set loss.negative_estimator = 'logq' for the reference false-negative mode")
+    if lo.negatives == "sampled" and not lo.in_batch_negatives and lo.fn_mode != "remove":
+        raise ConfigError("loss.in_batch_negatives = false needs loss.fn_mode = 'remove'")
     if lo.negatives == "sampled" and lo.n_negatives < 1:
         raise ConfigError(f"loss.n_negatives = {lo.n_negatives}: must be >= 1 with loss.negatives = 'sampled'")
     if not 0 <= m.dropout < 1:

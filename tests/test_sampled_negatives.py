@@ -30,16 +30,24 @@ def _case(seed=0, n_cand=40, n_anchor=9, d=6, n_fn=4, dtype=torch.float64):
     return anchor, cand, meta
 
 
-def _brute(anchor, cand, meta, sample: SampledCandidates, tau, fn_mode="remove"):
+def _weights(meta, sample: SampledCandidates, a: int, in_batch: bool) -> dict[int, float]:
+    """Anchor a's candidate set as {id: 1/π}: the sample, then in-batch ids (or only a's own
+    positive without in-batch candidates) with π = 1."""
+    ids = [int(i) for i in meta.global_ids()]
+    w_of = {int(i): 1.0 / math.exp(float(lp)) for i, lp in zip(sample.ids, sample.log_pi)}
+    for i in (ids if in_batch else [ids[a]]):
+        w_of[i] = 1.0
+    return w_of
+
+
+def _brute(anchor, cand, meta, sample: SampledCandidates, tau, fn_mode="remove", in_batch=True):
     """Loop over anchors and candidates: denominator over in-batch ids (π = 1) ∪ sampled ids
     (weight 1/π), false negatives other than the positive dropped."""
     ids = [int(i) for i in meta.global_ids()]
-    w_of = {int(i): 1.0 / math.exp(float(lp)) for i, lp in zip(sample.ids, sample.log_pi)}
-    for i in ids:
-        w_of[i] = 1.0
     cos = lambda x, y: float(torch.dot(x, y) / (x.norm() * y.norm()))  # noqa: E731
     total = 0.0
     for a in range(len(ids)):
+        w_of = _weights(meta, sample, a, in_batch)
         fn = {int(v) for v in meta.fn_indices[meta.fn_indptr[a]:meta.fn_indptr[a + 1]]}
         den = 0.0
         for v, wv in w_of.items():
@@ -54,16 +62,14 @@ def _brute(anchor, cand, meta, sample: SampledCandidates, tau, fn_mode="remove")
     return total
 
 
-def _brute_cv(anchor, cand, meta, sample: SampledCandidates, tau):
+def _brute_cv(anchor, cand, meta, sample: SampledCandidates, tau, in_batch=True):
     """Loop form of the control-variate estimator: |C|·e^μ + Σ_set (e^s − h)/π over non-FN,
     − Σ_set h/π over FN (the positive kept), h = e^μ(1 + s − μ), μ = mean_v s_av."""
     ids = [int(i) for i in meta.global_ids()]
-    w_of = {int(i): 1.0 / math.exp(float(lp)) for i, lp in zip(sample.ids, sample.log_pi)}
-    for i in ids:
-        w_of[i] = 1.0
     zn = cand / cand.norm(dim=1, keepdim=True)
     total = 0.0
     for a in range(len(ids)):
+        w_of = _weights(meta, sample, a, in_batch)
         za = anchor[a] / anchor[a].norm()
         s = [float(za @ zn[v]) / tau for v in range(cand.shape[0])]
         mu = sum(s) / len(s)
@@ -113,6 +119,39 @@ def test_equals_brute_force_on_same_candidates(kind, fn_mode):
     assert abs(float(got) - want) <= 1e-9 * max(1.0, abs(want))
 
 
+@pytest.mark.parametrize("estimator", ["logq", "control_variate"])
+@pytest.mark.parametrize("kind", ["uniform", "popularity"])
+def test_without_in_batch_equals_brute_force(kind, estimator):
+    """in_batch = False: own positive (π = 1) + the sample, the own id counted once when drawn.
+    The draw must contain some anchors' own ids and miss others, and differ from the in-batch
+    loss, or the test would not tell the two sets apart."""
+    anchor, cand, meta = _case(seed=6, n_cand=30, n_anchor=10)
+    sample = NegativeSampler(cand.shape[0], 14, kind, torch.arange(cand.shape[0]) % 5).draw(
+        make_generator(3, 0, 2, "negatives"))
+    drawn = torch.isin(meta.rows, sample.ids)
+    assert bool(drawn.any()) and not bool(drawn.all())
+    brute = _brute if estimator == "logq" else _brute_cv
+    got = sampled_info_nce(anchor, cand[meta.rows], cand, 0.5, sample, meta, estimator=estimator, in_batch=False)
+    want = brute(anchor, cand, meta, sample, 0.5, in_batch=False)
+    assert abs(float(got) - want) <= 1e-9 * max(1.0, abs(want))
+    assert abs(want - brute(anchor, cand, meta, sample, 0.5)) > 1e-3
+    full = NegativeSampler(cand.shape[0], cand.shape[0]).draw(make_generator(0, 0, 0, "negatives"))
+    exact = info_nce(anchor, cand[meta.rows], cand, 0.5, meta)
+    got = sampled_info_nce(anchor, cand[meta.rows], cand, 0.5, full, meta, estimator=estimator, in_batch=False)
+    assert abs(float(got) - float(exact)) <= 1e-9 * abs(float(exact))
+
+
+@pytest.mark.parametrize("estimator", ["logq", "control_variate"])
+def test_without_in_batch_gradcheck(estimator):
+    anchor, cand, meta = _case(seed=7, n_cand=15, n_anchor=6, d=4)
+    sample = NegativeSampler(15, 7, "uniform").draw(make_generator(0, 2, 1, "negatives"))
+    assert bool(torch.isin(meta.rows, sample.ids).any())
+    positive = cand[meta.rows].clone()  # the positive row = the anchor's own candidate, as in training
+    inputs = (anchor.requires_grad_(), positive.requires_grad_(), cand.requires_grad_())
+    assert torch.autograd.gradcheck(
+        lambda a, p, c: sampled_info_nce(a, p, c, 0.5, sample, meta, estimator=estimator, in_batch=False), inputs)
+
+
 def test_inclusion_probability():
     # uniform, n draws with replacement: π = 1 − (1 − 1/C)^n; popularity: p ∝ counts + 1
     s = NegativeSampler(50, 10, "uniform").draw(make_generator(0, 0, 0, "negatives"))
@@ -155,6 +194,7 @@ def test_same_draws_for_same_key():
     ["loss.negatives=\"sampled\"", "loss.n_negatives=30", "loss.negative_estimator=\"logq\""],
     ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.negative_sampler=\"popularity\""],
     ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.negative_estimator=\"control_variate\""],
+    ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.in_batch_negatives=false"],
 ])
 def test_two_ranks_equal_one(tiny_data, tmp_path, overrides):
     """Same seed: both gloo ranks draw the same candidates, so 2 ranks reproduce 1 rank's losses,
@@ -203,3 +243,6 @@ def test_n_negatives_must_be_positive():
     with pytest.raises(ConfigError, match="loss.negative_estimator"):
         load_config(None, ["loss.negatives=\"sampled\"", "loss.negative_estimator=\"control_variate\"",
                            "loss.fn_mode=\"reference\""])
+    with pytest.raises(ConfigError, match="loss.in_batch_negatives"):
+        load_config(None, ["loss.negatives=\"sampled\"", "loss.negative_estimator=\"logq\"",
+                           "loss.in_batch_negatives=false", "loss.fn_mode=\"reference\""])

@@ -300,16 +300,22 @@ def test_bench_scaling_auto_batch_sizes_each_graph_and_its_log_reads_back(tmp_pa
     its floor, so 1,000 users get 8 steps); --from-log reads the batch back (older logs: 1024)."""
     log = tmp_path / "out.log"
     p = subprocess.run([sys.executable, "tools/bench_scaling.py", "--base-users", "1000", "--users", "1000", "2000",
-                        "--batch-size", "0", "--steps", "1", "--modes", "sampled", "--cache", str(tmp_path / "c"),
+                        "--batch-size", "0", "--steps", "1", "--modes", "sampled", "sampled-own",
+                        "--cache", str(tmp_path / "c"),
                         "--set", "loss.n_negatives=64"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     log.write_text(p.stdout)
     rows = [ln.split() for ln in p.stdout.splitlines() if "phases/step" in ln]
-    assert [(r[0], r[9]) for r in rows] == [("1000", "batch=128x8"), ("2000", "batch=128x16")]
+    assert [(r[0], r[3], r[9]) for r in rows] == [
+        ("1000", "sampled", "batch=128x8"), ("1000", "sampled-own", "batch=128x8"),
+        ("2000", "sampled", "batch=128x16"), ("2000", "sampled-own", "batch=128x16")]
     old = tmp_path / "old.log"  # the pre-auto format, without the batch column
-    old.write_text("\n".join(" ".join(r[:9]) + "  phases/step {'loss/intra': 0.1}" for r in rows))
+    old.write_text("\n".join(" ".join(r[:9]) + "  phases/step {'loss/intra': 0.1}" for r in rows if r[3] == "sampled"))
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_scaling as B
 
-    assert [x["steps_per_epoch"] for x in B.from_log(str(log))["sampled"]] == [8, 16]
+    back = B.from_log(str(log))
+    for mode in ("sampled", "sampled-own"):
+        assert [x["steps_per_epoch"] for x in back[mode]] == [8, 16]
+    assert "sampled / sampled-own epoch time" in p.stdout
     assert [x["steps_per_epoch"] for x in B.from_log(str(old))["sampled"]] == [1, 2]

@@ -24,7 +24,9 @@ full-graph propagation, O(|E|) = O(|U|) per step at a fixed degree, so at a fixe
 the epoch is O(|U|^2) in either mode; the sampled mode removes the O(|U|) InfoNCE term per step
 (its SSL time per step is flat at a fixed batch). With ``--batch-size 0`` the steps per epoch
 stay ~16, so the propagation costs O(|U|) per epoch, and what grows faster is the loss: exact
-O(batch x (|U| + |I|)) per step, sampled O(batch x (N + batch)) (the in-batch candidates).
+O(batch x (|U| + |I|)) per step, sampled O(batch x (N + batch)) (the in-batch candidates), and
+``sampled-own`` (``loss.in_batch_negatives = false``: each anchor's own positive plus the N
+sampled) O(batch x N).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SSL_PHASES = ("loss/intra", "loss/inter_0", "loss/inter_1", "loss/inter_2", "bwd/losses")
+MODES = {"all": ("all", "true"), "sampled": ("sampled", "true"), "sampled-own": ("sampled", "false")}
+"""--modes: (loss.negatives, loss.in_batch_negatives)."""
 
 
 def base_dataset(cache: Path, n_users: int) -> Path:
@@ -100,7 +104,8 @@ def child(args) -> None:
     from mbssl_dist.parallel.comm import LocalComm
     from mbssl_dist.parallel.layout import target_views
 
-    sets = list(args.set) + [f'loss.negatives="{args.mode}"']
+    negatives, in_batch = MODES[args.mode]
+    sets = list(args.set) + [f'loss.negatives="{negatives}"', f"loss.in_batch_negatives={in_batch}"]
     cfg, ds, part, model, step, adjs, views, batch = build(args.data, args.batch_size, sets, "random", 10,
                                                            args.threads)
     t0 = time.perf_counter()
@@ -140,7 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=1024, help="0: per size, the train.batch_size = 0 rule")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration (extrapolated)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--modes", nargs="+", default=["all", "sampled"], choices=["all", "sampled"])
+    ap.add_argument("--modes", nargs="+", default=["all", "sampled"], choices=list(MODES),
+                    help="sampled-own: sampled without in-batch candidates (loss.in_batch_negatives = false)")
     ap.add_argument("--cache", default="/tmp/mbssl_scaling")
     ap.add_argument("--exact-max-users", type=int, default=0,
                     help="skip the exact mode above this many users (its step grows with |U|); 0 = never")
@@ -201,7 +207,7 @@ def from_log(path: str) -> dict[str, list[dict]]:
     res: dict[str, list[dict]] = {}
     for line in Path(path).read_text().splitlines():
         f = line.split()
-        if len(f) > 9 and f[3] in ("all", "sampled") and "phases/step" in line:
+        if len(f) > 9 and f[3] in MODES and "phases/step" in line:
             ph = ast.literal_eval(line.split("phases/step ", 1)[1])
             u = int(f[0])
             b = next((int(t[6:].split("x")[0]) for t in f if t.startswith("batch=")), 1024)  # older logs: 1024
@@ -226,10 +232,12 @@ def summarize(res: dict[str, list[dict]]) -> None:
                   f"SSL per step ~ |U|^{slope(us, [x['ssl_s'] for x in rows]):.2f}, "
                   f"SSL per epoch ~ |U|^{slope(us, [x['ssl_s'] * x['steps_per_epoch'] for x in rows]):.2f}, "
                   f"peak RSS ~ |U|^{slope(us, [x['maxrss_mib'] for x in rows]):.2f}")
-    if len(res) == 2:
-        for a, b in zip(res["all"], res["sampled"]):  # the sizes both modes ran
-            print(f"|U| = {a['users']}: exact / sampled epoch time {a['epoch_s'] / b['epoch_s']:.2f}x, "
-                  f"SSL per step {a['ssl_s'] / b['ssl_s']:.2f}x")
+    names = list(res)
+    for i, ma in enumerate(names):
+        for mb in names[i + 1:]:
+            for a, b in zip(res[ma], res[mb]):  # the sizes both modes ran
+                print(f"|U| = {a['users']}: {ma} / {mb} epoch time {a['epoch_s'] / b['epoch_s']:.2f}x, "
+                      f"SSL per step {a['ssl_s'] / b['ssl_s']:.2f}x")
 
 
 if __name__ == "__main__":

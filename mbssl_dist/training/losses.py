@@ -431,7 +431,7 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
                      sample: SampledCandidates, anchors_meta: Anchors | None = None, comm: Comm | None = None,
                      candidates_sharded: bool = False, candidate_ids: torch.Tensor | None = None,
                      fn_mode: str = "remove", extra_zero_logits: int = 0,
-                     estimator: str = "logq") -> torch.Tensor:
+                     estimator: str = "logq", in_batch: bool = True) -> torch.Tensor:
     """:func:`info_nce` with the denominator over a candidate subset: the in-batch candidates
     (every rank's anchors' own ids, i.e. the batch's positives; inclusion probability 1) plus
     the sampled ids not among them, each logit corrected by −log π (so the denominator is the
@@ -449,7 +449,14 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
     h_a(s) = e^{μ_a}(1 + s − μ_a), Σ_{v∈C} h_a(s_av) = |C|·e^{μ_a} exactly, so
     den_a = |C|·e^{μ_a} + Σ_{v∈set, v∉FN(a)} (e^{s_av} − h_a(s_av))/π_v − Σ_{v∈set∩FN(a)} h_a(s_av)/π_v
     (unbiased for the exact FN-removed denominator; every candidate gets the mean-field part
-    of its gradient, the sampled part only carries the small convex remainder)."""
+    of its gradient, the sampled part only carries the small convex remainder).
+
+    ``in_batch = False``: no in-batch candidates. Each anchor's denominator is its own positive
+    (π = 1) plus the shared sample with the sampler's π (the anchor's own id masked out of the
+    sample where drawn, so it counts once), still unbiased for the exact denominator. Cost
+    O(A·S·d) instead of O(A·(S + A)·d): linear in the batch, where the in-batch candidates make
+    a step quadratic in it (the batch grows with |U| under ``train.batch_size = 0``). Needs
+    ``fn_mode = "remove"``."""
     comm, n_loc, za, zp, inv_t, dist, fn = _prepare(anchor, positive, tau, anchors_meta, comm, candidates_sharded,
                                                     fn_mode)
     meta = anchors_meta
@@ -466,28 +473,53 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
         a_ids = all_ids
         if fn is not None:
             fn = (comm.all_gather_cat(fn[0] + offset), comm.all_gather_cat(fn[1]))
-    batch_ids = torch.unique(all_ids)
     s_ids = sample.ids.to(all_ids.device)
-    other = ~torch.isin(s_ids, batch_ids)
-    ids = torch.cat([batch_ids, s_ids[other]])
-    logw = torch.cat([batch_ids.new_zeros(batch_ids.numel(), dtype=za.dtype),
-                      -sample.log_pi.to(device=za.device, dtype=za.dtype)[other]])
+    s_logw = -sample.log_pi.to(device=za.device, dtype=za.dtype)
+    if in_batch:
+        batch_ids = torch.unique(all_ids)
+        other = ~torch.isin(s_ids, batch_ids)
+        ids = torch.cat([batch_ids, s_ids[other]])
+        logw = torch.cat([batch_ids.new_zeros(batch_ids.numel(), dtype=za.dtype), s_logw[other]])
+    else:
+        if fn_mode != "remove":
+            raise ValueError("sampled negatives without in-batch candidates need fn_mode = 'remove'")
+        ids, logw = s_ids, s_logw
     cols, ok = _lookup(candidate_ids, candidates.shape[0], ids)
     ids, cols, logw = ids[ok], cols[ok], logw[ok]
     zc = F.normalize(candidates[cols], dim=1)
     r = c = None
-    if fn is not None and fn[0].numel() > 0 and ids.numel() > 0:
-        rows, fid = fn
+    if ids.numel() > 0:
         srt, order = torch.sort(ids)
-        at = torch.searchsorted(srt, fid).clamp_(max=ids.numel() - 1)
-        hit = srt[at] == fid
-        if fn_mode == "remove":
-            hit &= fid != a_ids[rows]
-        r, c = rows[hit], order[at[hit]]
-        if r.numel() == 0:
+        pairs = []
+        if fn is not None and fn[0].numel() > 0:
+            rows, fid = fn
+            at = torch.searchsorted(srt, fid).clamp_(max=ids.numel() - 1)
+            hit = srt[at] == fid
+            if fn_mode == "remove":
+                hit &= fid != a_ids[rows]
+            pairs.append((rows[hit], order[at[hit]]))
+        if not in_batch:  # each anchor's own id out of the sample: its positive is added once, below
+            at = torch.searchsorted(srt, a_ids).clamp_(max=ids.numel() - 1)
+            hit = srt[at] == a_ids
+            pairs.append((torch.nonzero(hit).flatten(), order[at[hit]]))
+        if pairs:
+            r, c = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        if r is None or r.numel() == 0:
             r = c = None
     w = meta.weight.to(za.dtype) if meta is not None and meta.weight is not None else za.new_ones(n_loc)
     pos = (za * zp).sum(1) * inv_t
+    own = inv_pi_own = None
+    if not in_batch:
+        # the positive's shifted term e^{s−1/τ} (π = 1); for the control variate also the
+        # tangent to swap for it, and the sample's tangent of the anchor's own id, given back
+        # when drawn (the kernel masked that column but the linear tangent sum includes it)
+        own = torch.exp(pos - inv_t)
+        loc_ids = a_ids[offset: offset + n_loc] if dist else a_ids
+        srt_s, order_s = torch.sort(s_ids)
+        at = torch.searchsorted(srt_s, loc_ids).clamp_(max=max(s_ids.numel() - 1, 0))
+        drawn = srt_s[at] == loc_ids if s_ids.numel() else torch.zeros_like(loc_ids, dtype=torch.bool)
+        inv_pi_own = torch.where(drawn, s_logw[order_s[at]].exp(), s_logw.new_zeros(())) if s_ids.numel() else \
+            za.new_zeros(n_loc)
     if estimator == "control_variate":
         if fn_mode != "remove":
             raise ValueError("the control_variate estimator needs fn_mode = 'remove'")
@@ -513,6 +545,10 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
             den = den + extra_zero_logits * math.exp(-inv_t)
         if dist:
             den = den[offset: offset + n_loc]
+        if own is not None:
+            m_loc, e_loc = (mu[offset: offset + n_loc], em[offset: offset + n_loc]) if dist else (mu, em)
+            h_own = e_loc * (1.0 + (pos - inv_t) - m_loc)
+            den = den + own - h_own + inv_pi_own * h_own
         return (w * (torch.log(den) + inv_t - pos)).sum()
     if estimator != "logq":
         raise ValueError(f"estimator must be logq or control_variate, got {estimator!r}")
@@ -522,12 +558,16 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
         za1 = torch.cat([ZA, ZA.new_ones(ZA.shape[0], 1)], 1)
         zc1 = torch.cat([zc, (tau * logw).unsqueeze(1)], 1)
         extra = extra_zero_logits * math.exp(-inv_t) if extra_zero_logits else 0.0
-        if not dist:
+        if not dist and own is None:
             return _LogDenSum.apply(za1, zc1, r, c, 0.0, inv_t, w.detach(), extra) + (w * (inv_t - pos)).sum()
-        den = comm.all_reduce_sum(_ExpSum.apply(za1, zc1, r, c, 0.0, inv_t))
+        den = _ExpSum.apply(za1, zc1, r, c, 0.0, inv_t)
+        if dist:
+            den = comm.all_reduce_sum(den)[offset: offset + n_loc]
         if extra:
             den = den + extra
-        return (w * (torch.log(den[offset: offset + n_loc]) + inv_t - pos)).sum()
+        if own is not None:
+            den = den + own
+        return (w * (torch.log(den) + inv_t - pos)).sum()
     logits = torch.addmm(za.new_full((), -inv_t), ZA * inv_t, zc.T)  # (cos − 1)/τ: no overflow
     if r is not None:
         logits = logits.index_put((r, c), logits.new_full((), -inv_t))  # reference: cosine logit set to 0
@@ -551,6 +591,7 @@ class InterBehaviorInfoNCE(nn.Module):
 
     uses_false_negatives = True
     negative_estimator = "logq"  # sampled mode: "logq" or "control_variate" (see sampled_info_nce)
+    in_batch_negatives = True  # sampled mode: the batch's positives as candidates too
 
     def __init__(self, tau: float = 0.5, fn_mode: str = "remove", user_side: bool = True, item_side: bool = True,
                  item_extra_zero_logits: int = 0) -> None:
@@ -586,7 +627,8 @@ class InterBehaviorInfoNCE(nn.Module):
                 total = total + info_nce(a[r], b[r], b, self.tau, anchors, comm, **kw)
             else:
                 total = total + sampled_info_nce(a[r], b[r], b, self.tau, sample, anchors, comm, **kw,
-                                                 estimator=self.negative_estimator)
+                                                 estimator=self.negative_estimator,
+                                                 in_batch=self.in_batch_negatives)
         return weight * total
 
 

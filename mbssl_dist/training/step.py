@@ -83,6 +83,7 @@ class TrainStep:
         self.inter_loss = InterBehaviorInfoNCE(loss.tau, loss.fn_mode)
         self.intra_loss = IntraBehaviorInfoNCE(loss.tau)
         self.inter_loss.negative_estimator = self.intra_loss.negative_estimator = loss.negative_estimator
+        self.inter_loss.in_batch_negatives = self.intra_loss.in_batch_negatives = loss.in_batch_negatives
         names = list(aux_names) if aux_names is not None else [str(k) for k in range(K - 1)]
         if len(names) != K - 1:
             raise ValueError(f"aux_names {names}: expected {K - 1} auxiliary behaviors")
