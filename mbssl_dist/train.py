@@ -476,6 +476,31 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                 every = cfg.checkpoint.every_epochs
                 if (every and (epoch + 1) % every == 0) or history.should_stop() or last:
                     save_checkpoint(epoch + 1, 0, [])
+            # 7. final report: test at the best validation epoch; the reference protocol separately
+            best, ref = history.best, history.reference_best
+            final = {
+                "select_metric": tc.select_metric,
+                "best_epoch": best["epoch"] if best else None,
+                "valid": best["valid"] if best else None,
+                "test": best["test"] if best else None,
+                "reference_protocol_best_test_epoch": {"epoch": ref["epoch"], "test": ref["test"]} if ref else None,
+                "epochs_run": state.epoch + 1,
+                "steps": state.step,
+                "world_size": comm.world_size,
+                "dataset": str(ds.path),
+                "dataset_sha256": ds.checksum(),
+            }
+            if comm.is_main and cfg.run.mlflow and (run_dir / "model").is_dir():
+                from .mlflow_model import log_model_to_mlflow  # mlflow.pyfunc: imported only when used
+
+                try:
+                    log_model_to_mlflow(run_dir / "model")
+                except Exception as e:  # noqa: BLE001 - the run itself finished; say what is missing
+                    if isinstance(e, RunInterrupted) or _SIGNALS:
+                        raise
+                    log.warning("the model was not logged to MLflow (%s: %s); it is in %s", type(e).__name__, e,
+                                run_dir / "model")  # the best-validation model under the run's "Logged models"
+            logger.finish(final, status="FINISHED")
         except BaseException as e:
             if isinstance(e, RunInterrupted) or _SIGNALS:  # also when e.g. MLflow wrapped our RunInterrupted
                 signum = e.signum if isinstance(e, RunInterrupted) else _SIGNALS[-1]
@@ -487,29 +512,6 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                           status="FAILED")
             raise
 
-    # 7. final report: test at the best validation epoch; the reference protocol separately
-    best, ref = history.best, history.reference_best
-    final = {
-        "select_metric": tc.select_metric,
-        "best_epoch": best["epoch"] if best else None,
-        "valid": best["valid"] if best else None,
-        "test": best["test"] if best else None,
-        "reference_protocol_best_test_epoch": {"epoch": ref["epoch"], "test": ref["test"]} if ref else None,
-        "epochs_run": state.epoch + 1,
-        "steps": state.step,
-        "world_size": comm.world_size,
-        "dataset": str(ds.path),
-        "dataset_sha256": ds.checksum(),
-    }
-    if comm.is_main and cfg.run.mlflow and (run_dir / "model").is_dir():
-        from .mlflow_model import log_model_to_mlflow  # mlflow.pyfunc: imported only when used
-
-        try:
-            log_model_to_mlflow(run_dir / "model")
-        except Exception as e:  # noqa: BLE001 - the run itself finished; say what is missing
-            log.warning("the model was not logged to MLflow (%s: %s); it is in %s", type(e).__name__, e,
-                        run_dir / "model")  # the best-validation model under the run's "Logged models"
-    logger.finish(final, status="FINISHED")
     if comm.is_main:
         log.info("best epoch %s: test %s (outputs in %s)", final["best_epoch"], final["test"], run_dir)
     return 0

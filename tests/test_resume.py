@@ -224,6 +224,25 @@ def test_a_run_that_raises_is_failed_everywhere(tmp_path, monkeypatch):
     assert _mlflow_status(tmp_path / "mlflow.db") == ["FINISHED"]
 
 
+def test_a_signal_while_the_model_is_logged_is_killed_not_finished(tmp_path, monkeypatch):
+    """The final phase (test report, the model logged to MLflow) is inside the signal guard: a
+    SIGTERM there is recorded KILLED (exit 143), not swallowed as a failed model upload and
+    then FINISHED, and the default handler is back once train() returns."""
+    import mbssl_dist.mlflow_model as mm
+
+    def preempted(_model_dir):
+        os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler raises RunInterrupted here
+
+    monkeypatch.setattr(mm, "log_model_to_mlflow", preempted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(args_for(tmp_path, "k", ["train.epochs=1"], mlflow=True)) == 128 + signal.SIGTERM
+    out = tmp_path / "runs" / "k"
+    assert final(out)["status"] == "KILLED" and final(out)["exit_code"] == 143
+    assert json.loads((out / "run.json").read_text())["status"] == "KILLED"
+    assert _mlflow_status(tmp_path / "mlflow.db") == ["KILLED"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_resumed_mlflow_run_holds_each_redone_epoch_once(tmp_path, monkeypatch):
     """Killed after epoch 2 with the newest checkpoint after epoch 1: the rerun redoes epoch 2
     in the same MLflow run; its points must not appear twice (MLflow cannot delete a point)."""
