@@ -141,8 +141,9 @@ class LossConfig:
     """Scale of each inter-behavior SSL loss (reference ``ssl_reg_inter``)."""
     negatives: Literal["all", "sampled"] = "all"
     """InfoNCE denominators: ``all`` candidates (exact, the paper) or ``sampled`` (large graphs,
-    beyond the paper): per step and side ``n_negatives`` drawn candidates shared by the batch plus
-    the in-batch positives, logQ-corrected, false negatives still removed."""
+    beyond the paper): per step and side ``n_negatives`` drawn candidates shared by the batch
+    (plus each anchor's own positive, or the batch's with ``in_batch_negatives``), logQ-corrected,
+    false negatives still removed."""
     n_negatives: int = 4096
     """With negatives = "sampled": candidates drawn (with replacement) per step per side; a side
     with at most this many candidates stays exact."""
@@ -153,11 +154,12 @@ class LossConfig:
     probability; ``control_variate`` = the same plus the linear part of every term taken
     exactly over all candidates (one O(|C|·d) pass per step; lower variance; needs
     fn_mode = "remove")."""
-    in_batch_negatives: bool = True
-    """With negatives = "sampled": also score every anchor against the whole batch's positives
-    (π = 1). ``false``: only its own positive plus the sample, so a step costs O(batch·N·d)
-    instead of O(batch·(N + batch)·d) -- linear in the batch, which ``train.batch_size = 0``
-    grows with |U|. Needs fn_mode = "remove"."""
+    in_batch_negatives: bool = False
+    """With negatives = "sampled": ``true`` also scores every anchor against the whole batch's
+    positives (π = 1), O(batch·(N + batch)·d) per step; ``false`` (the default) only against its
+    own positive plus the sample, O(batch·N·d): linear in the batch, which ``train.batch_size =
+    0`` grows with |U| (the same Taobao_MBCGCN quality; README "Sampled negatives"). ``false``
+    needs fn_mode = "remove"."""
     view_propagation: Literal["target", "full"] = "target"
     """Intra-SSL views: propagate only the target behavior over each view, reusing the main
     pass's auxiliary messages (fast), or a full K-behavior propagation per view (authors' code)."""
@@ -477,7 +479,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("loss.negative_estimator = 'control_variate' (the default) needs loss.fn_mode = 'remove'; "
                           "set loss.negative_estimator = 'logq' for the reference false-negative mode")
     if lo.negatives == "sampled" and not lo.in_batch_negatives and lo.fn_mode != "remove":
-        raise ConfigError("loss.in_batch_negatives = false needs loss.fn_mode = 'remove'")
+        raise ConfigError("loss.in_batch_negatives = false (the default) needs loss.fn_mode = 'remove'; "
+                          "set loss.in_batch_negatives = true for the reference false-negative mode")
     if lo.negatives == "sampled" and lo.n_negatives < 1:
         raise ConfigError(f"loss.n_negatives = {lo.n_negatives}: must be >= 1 with loss.negatives = 'sampled'")
     if not 0 <= m.dropout < 1:

@@ -194,7 +194,7 @@ def test_same_draws_for_same_key():
     ["loss.negatives=\"sampled\"", "loss.n_negatives=30", "loss.negative_estimator=\"logq\""],
     ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.negative_sampler=\"popularity\""],
     ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.negative_estimator=\"control_variate\""],
-    ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.in_batch_negatives=false"],
+    ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.in_batch_negatives=true"],
 ])
 def test_two_ranks_equal_one(tiny_data, tmp_path, overrides):
     """Same seed: both gloo ranks draw the same candidates, so 2 ranks reproduce 1 rank's losses,

@@ -591,7 +591,7 @@ class InterBehaviorInfoNCE(nn.Module):
 
     uses_false_negatives = True
     negative_estimator = "logq"  # sampled mode: "logq" or "control_variate" (see sampled_info_nce)
-    in_batch_negatives = True  # sampled mode: the batch's positives as candidates too
+    in_batch_negatives = False  # sampled mode: the batch's positives as candidates too (set by TrainStep)
 
     def __init__(self, tau: float = 0.5, fn_mode: str = "remove", user_side: bool = True, item_side: bool = True,
                  item_extra_zero_logits: int = 0) -> None:
