@@ -238,6 +238,10 @@ def _raise_interrupted(signum, _frame) -> None:
         raise RunInterrupted(signum)
 
 
+def _note_signal(signum, _frame) -> None:
+    _SIGNALS.append(signum)
+
+
 # Config fields a resumed run may change: how it is operated, not what it computes
 # (train.epochs may grow to train longer).
 RESUMABLE_CHANGES = ("train.epochs", "train.threads", "train.device", "train.eval_batch_size", "run.",
@@ -252,6 +256,8 @@ ABSENT_MEANS = {
     "model.item_bias": lambda saved: bool(saved.get("model", {}).get("interaction_scoring")),
     "train.lr_decay": lambda saved: 1.0,
     "train.lr_patience": lambda saved: 2,
+    # before the field, sampled negatives always had the in-batch candidates
+    "loss.in_batch_negatives": lambda saved: saved.get("loss", {}).get("negatives") == "sampled",
 }
 
 
@@ -500,7 +506,13 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                         raise
                     log.warning("the model was not logged to MLflow (%s: %s); it is in %s", type(e).__name__, e,
                                 run_dir / "model")  # the best-validation model under the run's "Logged models"
-            logger.finish(final, status="FINISHED")
+            # the run has finished: a signal now must not cut its recording short (nor be recorded
+            # as KILLED over a FINISHED final.json); noted, and the process exits as it would anyway
+            with HandleStopSignals(_note_signal):
+                logger.finish(final, status="FINISHED")
+            if _SIGNALS:
+                log.warning("%s arrived while the finished run was being recorded; recorded FINISHED",
+                            signal.Signals(_SIGNALS[-1]).name)
         except BaseException as e:
             if isinstance(e, RunInterrupted) or _SIGNALS:  # also when e.g. MLflow wrapped our RunInterrupted
                 signum = e.signum if isinstance(e, RunInterrupted) else _SIGNALS[-1]

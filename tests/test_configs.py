@@ -102,7 +102,7 @@ def test_a_field_added_since_a_checkpoint_counts_as_what_it_ran_with():
             del d[sec][k]
         return d
 
-    new = ("model.item_bias", "train.lr_decay", "train.lr_patience")
+    new = ("model.item_bias", "train.lr_decay", "train.lr_patience", "loss.in_batch_negatives")
     on = load_config(None, ["model.interaction_scoring=true"])
     assert config_differences(saved_without(on, *new), on.to_dict()) == []
     off = load_config(None, ["model.interaction_scoring=false", "model.interaction_per_item=false",
@@ -114,3 +114,10 @@ def test_a_field_added_since_a_checkpoint_counts_as_what_it_ran_with():
     decayed = load_config(None, ["model.interaction_scoring=true", "train.lr_decay=0.5"])
     assert config_differences(saved_without(on, *new), decayed.to_dict()) == [
         "train.lr_decay (1.0 in the checkpoint, 0.5 now)"]
+    # loss.in_batch_negatives: an exact run resumes; a sampled one had the in-batch candidates
+    sampled = load_config(None, ["model.interaction_scoring=true", 'loss.negatives="sampled"'])
+    assert config_differences(saved_without(sampled, *new), sampled.to_dict()) == [
+        "loss.in_batch_negatives (True in the checkpoint, False now)"]
+    inb = load_config(None, ["model.interaction_scoring=true", 'loss.negatives="sampled"',
+                             "loss.in_batch_negatives=true"])
+    assert config_differences(saved_without(inb, *new), inb.to_dict()) == []

@@ -243,6 +243,29 @@ def test_a_signal_while_the_model_is_logged_is_killed_not_finished(tmp_path, mon
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_signal_while_the_finished_run_is_recorded_leaves_it_finished(tmp_path, monkeypatch, capfd):
+    """A SIGTERM while the FINISHED record is being written (here: during its first MLflow
+    artifact upload) neither cuts the recording short (MLflow ends FINISHED with every
+    artifact, final.json is complete) nor is swallowed silently: it is noted in the log."""
+    import mlflow
+
+    orig, calls = mlflow.log_artifact, []
+
+    def preempted(path, *a, **k):
+        calls.append(Path(path).name)
+        if calls[-1] == "final.json":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(path, *a, **k)
+
+    monkeypatch.setattr(mlflow, "log_artifact", preempted)
+    assert main(args_for(tmp_path, "g", ["train.epochs=1"], mlflow=True)) == 0
+    out = tmp_path / "runs" / "g"
+    assert final(out)["status"] == "FINISHED" and final(out)["test"] is not None
+    assert _mlflow_status(tmp_path / "mlflow.db") == ["FINISHED"]
+    assert calls[1:4] == ["final.json", "metrics.jsonl", "timings.jsonl"]  # after the start's config.toml
+    assert "SIGTERM arrived while the finished run was being recorded" in capfd.readouterr().err
+
+
 def test_a_resumed_mlflow_run_holds_each_redone_epoch_once(tmp_path, monkeypatch):
     """Killed after epoch 2 with the newest checkpoint after epoch 1: the rerun redoes epoch 2
     in the same MLflow run; its points must not appear twice (MLflow cannot delete a point)."""

@@ -87,12 +87,14 @@ def test_control_variate_equals_brute_force(kind):
     anchor, cand, meta = _case(seed=4)
     sample = NegativeSampler(cand.shape[0], 12, kind, torch.arange(cand.shape[0]) % 5).draw(
         make_generator(2, 0, 1, "negatives"))
-    got = sampled_info_nce(anchor, cand[meta.rows], cand, 0.5, sample, meta, estimator="control_variate")
+    got = sampled_info_nce(anchor, cand[meta.rows], cand, 0.5, sample, meta, estimator="control_variate",
+                           in_batch=True)
     want = _brute_cv(anchor, cand, meta, sample, 0.5)
     assert abs(float(got) - want) <= 1e-9 * max(1.0, abs(want))
     full = NegativeSampler(cand.shape[0], cand.shape[0]).draw(make_generator(0, 0, 0, "negatives"))
     exact = info_nce(anchor, cand[meta.rows], cand, 0.5, meta)
-    got = sampled_info_nce(anchor, cand[meta.rows], cand, 0.5, full, meta, estimator="control_variate")
+    got = sampled_info_nce(anchor, cand[meta.rows], cand, 0.5, full, meta, estimator="control_variate",
+                           in_batch=True)
     assert abs(float(got) - float(exact)) <= 1e-9 * abs(float(exact))
 
 
@@ -102,7 +104,7 @@ def test_control_variate_gradcheck():
     positive = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     inputs = (anchor.requires_grad_(), positive.requires_grad_(), cand.requires_grad_())
     assert torch.autograd.gradcheck(
-        lambda a, p, c: sampled_info_nce(a, p, c, 0.5, sample, meta, estimator="control_variate"), inputs)
+        lambda a, p, c: sampled_info_nce(a, p, c, 0.5, sample, meta, estimator="control_variate", in_batch=True), inputs)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "popularity"])
@@ -114,7 +116,7 @@ def test_equals_brute_force_on_same_candidates(kind, fn_mode):
     sample = sampler.draw(make_generator(1, 0, 3, "negatives"))
     assert sample.ids.numel() > 3 and bool((sample.log_pi < 0).all())
     positive = cand[meta.rows]
-    got = sampled_info_nce(anchor, positive, cand, 0.5, sample, meta, fn_mode=fn_mode)
+    got = sampled_info_nce(anchor, positive, cand, 0.5, sample, meta, fn_mode=fn_mode, in_batch=True)
     want = _brute(anchor, cand, meta, sample, 0.5, fn_mode)
     assert abs(float(got) - want) <= 1e-9 * max(1.0, abs(want))
 
@@ -168,7 +170,7 @@ def test_all_candidates_is_exact():
     positive = cand[meta.rows]
     for mode in ("remove", "reference"):
         exact = info_nce(anchor, positive, cand, 0.3, meta, fn_mode=mode)
-        got = sampled_info_nce(anchor, positive, cand, 0.3, sample, meta, fn_mode=mode)
+        got = sampled_info_nce(anchor, positive, cand, 0.3, sample, meta, fn_mode=mode, in_batch=True)
         assert abs(float(got) - float(exact)) <= 1e-9 * abs(float(exact))
 
 
@@ -177,7 +179,7 @@ def test_gradcheck():
     sample = NegativeSampler(15, 6, "popularity", torch.arange(15)).draw(make_generator(0, 1, 2, "negatives"))
     positive = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     inputs = (anchor.requires_grad_(), positive.requires_grad_(), cand.requires_grad_())
-    assert torch.autograd.gradcheck(lambda a, p, c: sampled_info_nce(a, p, c, 0.5, sample, meta), inputs)
+    assert torch.autograd.gradcheck(lambda a, p, c: sampled_info_nce(a, p, c, 0.5, sample, meta, in_batch=True), inputs)
 
 
 def test_same_draws_for_same_key():
@@ -195,6 +197,8 @@ def test_same_draws_for_same_key():
     ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.negative_sampler=\"popularity\""],
     ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.negative_estimator=\"control_variate\""],
     ["loss.negatives=\"sampled\"", "loss.n_negatives=20", "loss.in_batch_negatives=true"],
+    ["loss.negatives=\"sampled\"", "loss.n_negatives=30", "loss.negative_estimator=\"logq\"",
+     "loss.negative_sampler=\"popularity\"", "loss.in_batch_negatives=true"],
 ])
 def test_two_ranks_equal_one(tiny_data, tmp_path, overrides):
     """Same seed: both gloo ranks draw the same candidates, so 2 ranks reproduce 1 rank's losses,
@@ -207,6 +211,20 @@ def test_two_ranks_equal_one(tiny_data, tmp_path, overrides):
     assert_same(one, two, "sampled P=2")
     exact = run_world(1, tiny_data, balanced(120, 1), [], tmp_path / "exact")
     assert exact[0]["records"][0]["losses"]["intra"] != one[0]["records"][0]["losses"]["intra"]
+
+
+def test_in_batch_negatives_reaches_the_training_step(tiny_data, tmp_path):
+    """loss.in_batch_negatives is not dropped on its way to the losses: through TrainStep the
+    two candidate sets give different SSL losses (the same draws, the same initialization)."""
+    from tests.test_distributed import balanced, run_world
+
+    base = ["loss.negatives=\"sampled\"", "loss.n_negatives=20"]
+    own = run_world(1, tiny_data, balanced(120, 1), base, tmp_path / "own")
+    inb = run_world(1, tiny_data, balanced(120, 1), base + ["loss.in_batch_negatives=true"], tmp_path / "inb")
+    lo, li = own[0]["records"][0]["losses"], inb[0]["records"][0]["losses"]
+    assert lo["rec"] == li["rec"]  # the first step's target loss does not depend on the SSL candidates
+    inter = [k for k in lo if k.startswith("inter_")]
+    assert inter and lo["intra"] != li["intra"] and all(lo[k] != li[k] for k in inter)
 
 
 @pytest.fixture(scope="module")

@@ -431,13 +431,13 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
                      sample: SampledCandidates, anchors_meta: Anchors | None = None, comm: Comm | None = None,
                      candidates_sharded: bool = False, candidate_ids: torch.Tensor | None = None,
                      fn_mode: str = "remove", extra_zero_logits: int = 0,
-                     estimator: str = "logq", in_batch: bool = True) -> torch.Tensor:
-    """:func:`info_nce` with the denominator over a candidate subset: the in-batch candidates
-    (every rank's anchors' own ids, i.e. the batch's positives; inclusion probability 1) plus
-    the sampled ids not among them, each logit corrected by −log π (so the denominator is the
-    Horvitz–Thompson estimate of the exact one). False negatives are removed from each
-    anchor's row (the positive itself is kept), as in the exact loss. Cost O(A·(S + A)·d),
-    independent of the number of candidates. Sharded candidates: each rank sums the columns it
+                     estimator: str = "logq", in_batch: bool = False) -> torch.Tensor:
+    """:func:`info_nce` with the denominator over a candidate subset: with ``in_batch = True``
+    the in-batch candidates (every rank's anchors' own ids, i.e. the batch's positives;
+    inclusion probability 1) plus the sampled ids not among them, each logit corrected by
+    −log π (so the denominator is the Horvitz–Thompson estimate of the exact one). False
+    negatives are removed from each anchor's row (the positive itself is kept), as in the exact
+    loss. Cost O(A·(S + A)·d), independent of the number of candidates. Sharded candidates: each rank sums the columns it
     holds and the partial denominators are all-reduced, as in :func:`info_nce`. With
     ``fn_mode = "remove"`` it runs the exact loss's chunked kernels (:class:`_LogDenSum`,
     :class:`_ExpSum`) with −log π as one more embedding coordinate; ``reference`` uses plain
@@ -451,7 +451,7 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
     (unbiased for the exact FN-removed denominator; every candidate gets the mean-field part
     of its gradient, the sampled part only carries the small convex remainder).
 
-    ``in_batch = False``: no in-batch candidates. Each anchor's denominator is its own positive
+    ``in_batch = False`` (the default, as ``loss.in_batch_negatives``): no in-batch candidates. Each anchor's denominator is its own positive
     (π = 1) plus the shared sample with the sampler's π (the anchor's own id masked out of the
     sample where drawn, so it counts once), still unbiased for the exact denominator. Cost
     O(A·S·d) instead of O(A·(S + A)·d): linear in the batch, where the in-batch candidates make
