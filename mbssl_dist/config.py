@@ -228,6 +228,11 @@ class TrainConfig:
     """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
     threads: int = 0
     """torch intra-op threads per process (0 = torch default)."""
+    keep_freed_memory: bool = True
+    """glibc (Linux): take large host blocks from the heap and keep freed memory for reuse
+    (``mallopt``), so each step's large temporaries do not page-fault fresh memory again;
+    ``false`` = the C library's defaults (memory freed after a peak goes back to the system).
+    No effect on results."""
     sparse_backend: str = "auto"
     """Kernel of the sparse adjacency products: ``auto`` (scipy for CPU tensors, torch's sparse
     CSR kernel for CUDA tensors), ``scipy`` (CPU only) or ``torch`` (any device; on CPU this

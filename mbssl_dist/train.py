@@ -45,6 +45,7 @@ from .tracking import RunLogger, git_commit
 from .training import CheckpointError, CheckpointManager, EvalHistory, NonFiniteLossError, TrainStep, build_batch
 from .training.checkpoint import ShardedRows, describe_tensors, load_state_tensors, state_tensors
 from .utils.seeding import make_generator
+from .utils.allocator import keep_freed_memory
 from .utils.signals import HandleStopSignals
 
 log = logging.getLogger("mbssl_dist.train")
@@ -306,6 +307,8 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    if tc.keep_freed_memory:
+        keep_freed_memory()
 
     # 1. data: prepared once by rank 0, then loaded by every rank (a bad input found by rank 0
     # stops every rank with exit 2, not the others with a gloo error at the next collective)

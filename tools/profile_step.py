@@ -50,6 +50,10 @@ def build(data: str, batch_size: int, sets: list[str], fn: str = "random", fn_n:
     if threads:
         torch.set_num_threads(threads)
     cfg = load_config(None, [f"train.batch_size={batch_size}", f"train.seed={seed}"] + list(sets))
+    if cfg.train.keep_freed_memory:  # as the trainer does
+        from mbssl_dist.utils.allocator import keep_freed_memory
+
+        keep_freed_memory()
     comm = LocalComm()
     ds = load_prepared(data)
     K = ds.n_behaviors
