@@ -44,8 +44,8 @@ from .swing.cache import ensure_swing, load_topn_csr
 from .tracking import RunLogger, git_commit
 from .training import CheckpointError, CheckpointManager, EvalHistory, NonFiniteLossError, TrainStep, build_batch
 from .training.checkpoint import ShardedRows, describe_tensors, load_state_tensors, state_tensors
-from .utils.seeding import make_generator
 from .utils.allocator import keep_freed_memory
+from .utils.seeding import make_generator
 from .utils.signals import HandleStopSignals
 
 log = logging.getLogger("mbssl_dist.train")

@@ -437,11 +437,11 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
     inclusion probability 1) plus the sampled ids not among them, each logit corrected by
     −log π (so the denominator is the Horvitz–Thompson estimate of the exact one). False
     negatives are removed from each anchor's row (the positive itself is kept), as in the exact
-    loss. Cost O(A·(S + A)·d), independent of the number of candidates. Sharded candidates: each rank sums the columns it
-    holds and the partial denominators are all-reduced, as in :func:`info_nce`. With
-    ``fn_mode = "remove"`` it runs the exact loss's chunked kernels (:class:`_LogDenSum`,
-    :class:`_ExpSum`) with −log π as one more embedding coordinate; ``reference`` uses plain
-    autograd over the [A, S + A] logits.
+    loss. Cost O(A·(S + A)·d), independent of the number of candidates. Sharded candidates:
+    each rank sums the columns it holds and the partial denominators are all-reduced, as in
+    :func:`info_nce`. With ``fn_mode = "remove"`` it runs the exact loss's chunked kernels
+    (:class:`_LogDenSum`, :class:`_ExpSum`) with −log π as one more embedding coordinate;
+    ``reference`` uses plain autograd over the [A, S + A] logits.
 
     ``estimator = "control_variate"``: the same sampled set, with the linear part of each term
     taken exactly. With μ_a = mean over all candidates of s_av = cos(a, v)/τ (one pass over the
@@ -451,9 +451,10 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
     (unbiased for the exact FN-removed denominator; every candidate gets the mean-field part
     of its gradient, the sampled part only carries the small convex remainder).
 
-    ``in_batch = False`` (the default, as ``loss.in_batch_negatives``): no in-batch candidates. Each anchor's denominator is its own positive
-    (π = 1) plus the shared sample with the sampler's π (the anchor's own id masked out of the
-    sample where drawn, so it counts once), still unbiased for the exact denominator. Cost
+    ``in_batch = False`` (the default, as ``loss.in_batch_negatives``): no in-batch candidates.
+    Each anchor's denominator is its own positive (π = 1) plus the shared sample with the
+    sampler's π (the anchor's own id masked out of the sample where drawn, so it counts once),
+    still unbiased for the exact denominator. Cost
     O(A·S·d) instead of O(A·(S + A)·d): linear in the batch, where the in-batch candidates make
     a step quadratic in it (the batch grows with |U| under ``train.batch_size = 0``). Needs
     ``fn_mode = "remove"``."""
@@ -487,25 +488,21 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
     cols, ok = _lookup(candidate_ids, candidates.shape[0], ids)
     ids, cols, logw = ids[ok], cols[ok], logw[ok]
     zc = F.normalize(candidates[cols], dim=1)
+    # the (anchor row, column) entries left out of the sum: false negatives in the set and,
+    # without in-batch candidates, each anchor's own id where drawn (its positive is added below)
+    pairs = []
+    if fn is not None and fn[0].numel() > 0 and ids.numel() > 0:
+        rows, fid = fn
+        col, hit = _lookup(ids, ids.numel(), fid)
+        if fn_mode == "remove":
+            hit &= fid != a_ids[rows]
+        pairs.append((rows[hit], col[hit]))
+    if not in_batch and ids.numel() > 0:
+        col, hit = _lookup(ids, ids.numel(), a_ids)
+        pairs.append((torch.nonzero(hit).flatten(), col[hit]))
     r = c = None
-    if ids.numel() > 0:
-        srt, order = torch.sort(ids)
-        pairs = []
-        if fn is not None and fn[0].numel() > 0:
-            rows, fid = fn
-            at = torch.searchsorted(srt, fid).clamp_(max=ids.numel() - 1)
-            hit = srt[at] == fid
-            if fn_mode == "remove":
-                hit &= fid != a_ids[rows]
-            pairs.append((rows[hit], order[at[hit]]))
-        if not in_batch:  # each anchor's own id out of the sample: its positive is added once, below
-            at = torch.searchsorted(srt, a_ids).clamp_(max=ids.numel() - 1)
-            hit = srt[at] == a_ids
-            pairs.append((torch.nonzero(hit).flatten(), order[at[hit]]))
-        if pairs:
-            r, c = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-        if r is None or r.numel() == 0:
-            r = c = None
+    if pairs and sum(p[0].numel() for p in pairs) > 0:
+        r, c = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     w = meta.weight.to(za.dtype) if meta is not None and meta.weight is not None else za.new_ones(n_loc)
     pos = (za * zp).sum(1) * inv_t
     own = inv_pi_own = None
@@ -514,12 +511,10 @@ def sampled_info_nce(anchor: torch.Tensor, positive: torch.Tensor, candidates: t
         # tangent to swap for it, and the sample's tangent of the anchor's own id, given back
         # when drawn (the kernel masked that column but the linear tangent sum includes it)
         own = torch.exp(pos - inv_t)
-        loc_ids = a_ids[offset: offset + n_loc] if dist else a_ids
-        srt_s, order_s = torch.sort(s_ids)
-        at = torch.searchsorted(srt_s, loc_ids).clamp_(max=max(s_ids.numel() - 1, 0))
-        drawn = srt_s[at] == loc_ids if s_ids.numel() else torch.zeros_like(loc_ids, dtype=torch.bool)
-        inv_pi_own = torch.where(drawn, s_logw[order_s[at]].exp(), s_logw.new_zeros(())) if s_ids.numel() else \
-            za.new_zeros(n_loc)
+        inv_pi_own = za.new_zeros(n_loc)
+        if s_ids.numel() > 0:
+            j, drawn = _lookup(s_ids, s_ids.numel(), a_ids[offset: offset + n_loc] if dist else a_ids)
+            inv_pi_own = torch.where(drawn, s_logw[j].exp(), 0.0)
     if estimator == "control_variate":
         if fn_mode != "remove":
             raise ValueError("the control_variate estimator needs fn_mode = 'remove'")
