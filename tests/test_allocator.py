@@ -47,21 +47,22 @@ def test_freed_large_blocks_are_reused_without_page_faults():
     assert keep[0] >= pages  # the first time still faults its pages in
 
 
-def test_the_trainer_calls_it_unless_switched_off(tmp_path, monkeypatch):
+def test_the_trainer_calls_it_when_switched_on(tmp_path, monkeypatch):
     import mbssl_dist.train as T
     from tests.test_resume import args_for
 
     calls = []
     monkeypatch.setattr(T, "keep_freed_memory", lambda: calls.append(1) or True)
-    assert T.main(args_for(tmp_path, "on", ["train.epochs=1"])) == 0 and calls == [1]
-    assert T.main(args_for(tmp_path, "off", ["train.epochs=1", "train.keep_freed_memory=false"])) == 0
+    assert T.main(args_for(tmp_path, "on", ["train.epochs=1", "train.keep_freed_memory=true"])) == 0
+    assert calls == [1]
+    assert T.main(args_for(tmp_path, "off", ["train.epochs=1"])) == 0  # off by default
     assert calls == [1]
 
 
 def test_the_config_field():
     from mbssl_dist.config import ConfigError, load_config
 
-    assert load_config(None, []).train.keep_freed_memory is True
-    assert load_config(None, ["train.keep_freed_memory=false"]).train.keep_freed_memory is False
+    assert load_config(None, []).train.keep_freed_memory is False
+    assert load_config(None, ["train.keep_freed_memory=true"]).train.keep_freed_memory is True
     with pytest.raises(ConfigError, match="train.keep_freed_memory"):
         load_config(None, ['train.keep_freed_memory="yes"'])
