@@ -321,8 +321,24 @@ def check_reusable(run_dir: Path, cfg: Config) -> bool:
     return run_status(run_dir) == "FINISHED" and saved.get("train", {}).get("epochs") == cfg.train.epochs
 
 
-def run_grid(exp: Experiment, points: list[Point]) -> int:
-    """Train every point x seed not already finished; returns the number of failed runs."""
+def select_points(points: list[Point], only: Sequence[str] | None) -> set[str]:
+    """The names of the points to train now: all, or ``--points`` (checked against the grid, so a
+    typo is an error rather than a grid that trains nothing)."""
+    names = [p.name for p in points]
+    if not only:
+        return set(names)
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ConfigError(f"--points {','.join(only)}: no point named {', '.join(unknown)} in this grid; "
+                          f"choose from {','.join(names)}")
+    return set(only)
+
+
+def run_grid(exp: Experiment, points: list[Point], only: Sequence[str] | None = None) -> int:
+    """Train every point x seed not already finished (of the ``only`` points when given: the
+    record keeps the whole grid, so the report shows every point that has runs); returns the
+    number of failed runs."""
+    chosen = select_points(points, only)
     base = exp.resolved(list(exp.base_sets))
     exp.dir.mkdir(parents=True, exist_ok=True)
     meta_path = exp.dir / "experiment.json"
@@ -338,6 +354,8 @@ def run_grid(exp: Experiment, points: list[Point]) -> int:
     failed, ran, skipped = [], 0, 0
     try:
         for p in points:
+            if p.name not in chosen:
+                continue
             for s in range(exp.seeds):
                 run_name = f"{p.name}/seed{s}"
                 run_dir = exp.dir / p.name / f"seed{s}"
@@ -716,6 +734,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="experiments", help="parent directory; runs go to OUT/NAME/POINT/seedS")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="config override applied to every run, repeatable")
+    p.add_argument("--points", help="comma-separated grid points to train now (default: all); the "
+                   "others keep what they have, and the report shows every point with runs")
     p.add_argument("--space", help="search: TOML file with a [space] table")
     p.add_argument("--trials", type=int, default=20, help="search: total number of trials (a rerun tops up)")
     return p.parse_args(argv)
@@ -738,9 +758,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if a.name == "search":
                 if not a.space:
                     raise ConfigError("search needs --space FILE (a TOML [space] table)")
+                if a.points:
+                    raise ConfigError("--points selects grid points; search has trials, not points")
                 failed = run_search(exp, a.space, a.trials)
             else:
-                failed = run_grid(exp, grid(a.name))
+                only = [x.strip() for x in a.points.split(",") if x.strip()] if a.points else None
+                failed = run_grid(exp, grid(a.name), only)
                 if a.name == "sparsity":
                     for s in range(exp.seeds):
                         run_dir = exp.dir / "mbssl" / f"seed{s}"

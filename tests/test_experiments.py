@@ -136,6 +136,23 @@ def test_changed_grid_under_same_out_is_refused(env):
         E.run_grid(exp2, [E.Point("a")])
 
 
+def test_points_trains_only_the_named_points_and_the_record_keeps_the_grid(env):
+    tmp = env
+    exp = E.Experiment("g", None, base_sets(tmp, mlflow=False), seeds=1, processes=1, out=tmp / "exps", epochs=1)
+    points = [E.Point("a"), E.Point("b", ["loss.use_intra=false"])]
+    with pytest.raises(E.ConfigError, match="no point named c"):
+        E.run_grid(exp, points, ["b", "c"])
+    assert not (tmp / "exps" / "g" / "b").exists()  # refused before anything trained
+    assert E.run_grid(exp, points, ["b"]) == 0
+    d = tmp / "exps" / "g"
+    assert json.loads((d / "b" / "seed0" / "final.json").read_text())["status"] == "FINISHED"
+    assert not (d / "a").exists()
+    assert [p["name"] for p in json.loads((d / "experiment.json").read_text())["points"]] == ["a", "b"]
+    assert E.run_grid(exp, points) == 0  # the rest of the grid: a trains, b is skipped
+    assert starts(d / "logs" / "a_seed0.log") == 1 and starts(d / "logs" / "b_seed0.log") == 1
+    assert sorted(finals(d)) == ["a", "b"]
+
+
 def test_grids_name_real_config_fields():
     """Every override of every named grid is a valid config (fields and values exist)."""
     from mbssl_dist.config import load_config
@@ -176,6 +193,11 @@ def test_cli_bad_input_is_one_line_exit_2(env, tmp_path):
     p = subprocess.run([sys.executable, "-m", "mbssl_dist.experiments", "ablation", "--data", str(tmp_path / "no.toml")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no.toml" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "mbssl_dist.experiments", "hmg", "--data", "synthetic", "--points",
+                        "hmg_A,hmg_Z", "--out", str(tmp_path / "x"), "--set", "run.mlflow=false"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "hmg_Z" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1
     # a config whose data is missing: found when the grid first looks at a run directory
     cfg = tmp_path / "gone.toml"
     cfg.write_text(f'[data]\nformat = "text"\npath = "{tmp_path / "no_such_data"}"\n')
