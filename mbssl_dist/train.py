@@ -376,13 +376,6 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
         log.info("resuming from %s (written by %d rank(s)): epoch %d, batch %d, global step %d", path,
                  doc["world_size"], start_epoch, start_batch, state.step)
     ckpts.remove_partial()
-    logger.start(cfg.to_dict(), cfg.flat(),
-                 {"git_commit": git_commit(), "dataset_sha256": ds.checksum(), "dataset": str(ds.path),
-                  "world_size": str(comm.world_size), "device": str(device), "config_file": cfg.source},
-                 resume=dict(resume[1]["logger"], step=resume[1]["step"]) if resume else None)
-    if resume:
-        logger.timing({"kind": "resume", "epoch": start_epoch, "step": state.step, "seconds": round(load_seconds, 4),
-                       "from_world_size": resume[1]["world_size"]})
 
     def save_checkpoint(epoch: int, batch: int, partial_results: list[dict]) -> None:
         t0 = time.time()
@@ -408,8 +401,32 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
     progress = cfg.run.progress and comm.is_main
     every_steps = cfg.checkpoint.every_steps
     _SIGNALS.clear()
+
+    def finish(doc: dict, status: str) -> None:
+        """Write the run's record: a signal meanwhile is noted, never cuts it short (an MLflow
+        run left RUNNING, or a FAILED run recorded over as KILLED)."""
+        before = len(_SIGNALS)
+        with HandleStopSignals(_note_signal):
+            logger.finish(doc, status=status)
+        if len(_SIGNALS) > before:
+            log.warning("%s arrived while the %s run was being recorded; recorded %s",
+                        signal.Signals(_SIGNALS[-1]).name, status.lower(), status)
+
     with HandleStopSignals(_raise_interrupted):  # restored when the block ends, however it ends
         try:
+            # the start writes run.json and opens the MLflow run: a signal during it is noted,
+            # then raised once both exist, so it is recorded KILLED like one in the loop
+            with HandleStopSignals(_note_signal):
+                logger.start(cfg.to_dict(), cfg.flat(),
+                             {"git_commit": git_commit(), "dataset_sha256": ds.checksum(), "dataset": str(ds.path),
+                              "world_size": str(comm.world_size), "device": str(device),
+                              "config_file": cfg.source},
+                             resume=dict(resume[1]["logger"], step=resume[1]["step"]) if resume else None)
+            if _SIGNALS:
+                raise RunInterrupted(_SIGNALS[-1])
+            if resume:
+                logger.timing({"kind": "resume", "epoch": start_epoch, "step": state.step,
+                               "seconds": round(load_seconds, 4), "from_world_size": resume[1]["world_size"]})
             for epoch in range(start_epoch, tc.epochs):
                 if history.should_stop():
                     break
@@ -434,7 +451,7 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                         msg = f"non-finite loss in task {e.task!r} at epoch {epoch}, step {b} (global step {state.step})"
                         log.error("%s: %s; stopping", msg, e.value)
                         logger.record({"kind": "error", "epoch": epoch, "step": b, "task": e.task, "message": msg})
-                        logger.finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, status="FAILED")
+                        finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, "FAILED")
                         return 3
                     results.append({"losses": res.losses, "hmg": {"aux_tasks": res.hmg.get("aux_tasks", []),
                                                                   "aux": res.hmg.get("aux", []),
@@ -463,7 +480,7 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                         log.error("%s; stopping", msg)
                         logger.record({"kind": "error", "epoch": epoch, "step": None, "task": "evaluation",
                                        "message": msg})
-                        logger.finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, status="FAILED")
+                        finish({"error": msg, "exit_code": 3, "evaluations": history.rows}, "FAILED")
                         return 3
                     eval_seconds = round(time.time() - t1, 3)
                     for ph in ("valid", "test"):
@@ -511,20 +528,15 @@ def train(cfg: Config, comm, device: torch.device, prepare_only: bool = False) -
                                 run_dir / "model")  # the best-validation model under the run's "Logged models"
             # the run has finished: a signal now must not cut its recording short (nor be recorded
             # as KILLED over a FINISHED final.json); noted, and the process exits as it would anyway
-            with HandleStopSignals(_note_signal):
-                logger.finish(final, status="FINISHED")
-            if _SIGNALS:
-                log.warning("%s arrived while the finished run was being recorded; recorded FINISHED",
-                            signal.Signals(_SIGNALS[-1]).name)
+            finish(final, "FINISHED")
         except BaseException as e:
             if isinstance(e, RunInterrupted) or _SIGNALS:  # also when e.g. MLflow wrapped our RunInterrupted
                 signum = e.signum if isinstance(e, RunInterrupted) else _SIGNALS[-1]
                 msg = f"interrupted by {signal.Signals(signum).name}"
                 log.error("%s at epoch %d, global step %d; recorded as KILLED", msg, state.epoch, state.step)
-                logger.finish({"error": msg, "exit_code": 128 + signum, "evaluations": history.rows}, status="KILLED")
+                finish({"error": msg, "exit_code": 128 + signum, "evaluations": history.rows}, "KILLED")
                 return 128 + signum
-            logger.finish({"error": f"{type(e).__name__}: {e}", "exit_code": 1, "evaluations": history.rows},
-                          status="FAILED")
+            finish({"error": f"{type(e).__name__}: {e}", "exit_code": 1, "evaluations": history.rows}, "FAILED")
             raise
 
     if comm.is_main:

@@ -266,6 +266,81 @@ def test_a_signal_while_the_finished_run_is_recorded_leaves_it_finished(tmp_path
     assert "SIGTERM arrived while the finished run was being recorded" in capfd.readouterr().err
 
 
+def _sigterm_on_upload_of(monkeypatch, name: str) -> list[str]:
+    """Patch mlflow.log_artifact to send this process a SIGTERM when ``name`` is uploaded."""
+    import mlflow
+
+    orig, calls = mlflow.log_artifact, []
+
+    def preempted(path, *a, **k):
+        calls.append(Path(path).name)
+        if calls[-1] == name:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(path, *a, **k)
+
+    monkeypatch.setattr(mlflow, "log_artifact", preempted)
+    return calls
+
+
+def test_a_signal_while_a_failed_run_is_recorded_leaves_it_failed(tmp_path, monkeypatch, capfd):
+    """The FAILED record of a run that raised, and of one stopped by a non-finite loss, is
+    written whole when a SIGTERM arrives meanwhile: MLflow ends FAILED (not left RUNNING),
+    the exception or exit 3 stays what the caller gets, and the signal is noted in the log."""
+    from mbssl_dist.training import TrainStep
+    from mbssl_dist.training.step import NonFiniteLossError
+
+    orig = TrainStep.__call__
+    for name, exc in (("f", RuntimeError("disk on fire")), ("n", NonFiniteLossError("rec", float("nan")))):
+        calls = {"n": 0}
+
+        def boom(self, *a, _exc=exc, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise _exc
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(TrainStep, "__call__", boom)
+        uploads = _sigterm_on_upload_of(monkeypatch, "final.json")
+        args = args_for(tmp_path / name, name, ["train.epochs=2"], mlflow=True)
+        if name == "f":
+            with pytest.raises(RuntimeError, match="disk on fire"):
+                main(args)
+        else:
+            assert main(args) == 3
+        out = tmp_path / name / "runs" / name
+        assert final(out)["status"] == "FAILED" and final(out)["exit_code"] == (1 if name == "f" else 3)
+        assert json.loads((out / "run.json").read_text())["status"] == "FAILED"
+        assert _mlflow_status(tmp_path / name / "mlflow.db") == ["FAILED"]
+        assert uploads[-3:] == ["final.json", "metrics.jsonl", "timings.jsonl"]
+        assert "SIGTERM arrived while the failed run was being recorded; recorded FAILED" in capfd.readouterr().err
+        monkeypatch.undo()
+
+
+def test_a_signal_while_the_run_starts_is_recorded_killed(tmp_path, monkeypatch):
+    """A SIGTERM while the run's record is opened (here: during the upload of its config) is
+    held until run.json and the MLflow run exist, then recorded KILLED (exit 143), not a
+    process dead with an MLflow run left RUNNING."""
+
+    class Escaped(Exception):
+        pass
+
+    def outside(signum, frame):  # reached only if the trainer left the signal to the caller's handler
+        raise Escaped()
+
+    _sigterm_on_upload_of(monkeypatch, "config.toml")
+    prev = signal.signal(signal.SIGTERM, outside)
+    try:
+        rc = main(args_for(tmp_path, "s", ["train.epochs=2"], mlflow=True))
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+    assert rc == 128 + signal.SIGTERM
+    out = tmp_path / "runs" / "s"
+    assert final(out)["status"] == "KILLED" and final(out)["evaluations"] == []
+    assert json.loads((out / "run.json").read_text())["status"] == "KILLED"
+    assert _mlflow_status(tmp_path / "mlflow.db") == ["KILLED"]
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*"))
+
+
 def test_a_resumed_mlflow_run_holds_each_redone_epoch_once(tmp_path, monkeypatch):
     """Killed after epoch 2 with the newest checkpoint after epoch 1: the rerun redoes epoch 2
     in the same MLflow run; its points must not appear twice (MLflow cannot delete a point)."""
